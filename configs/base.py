@@ -1,0 +1,96 @@
+"""Every default of dsset in one place.
+
+Method files (simclr.py, perscan.py, deepset.py, ...) import this and override a few keys. Key names
+under data/model/train/checkpoint are a stable contract (docs/architecture.md): tools and launch
+scripts rely on them. Values are validated at start-up by dsset.config_validation.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+
+  # 'simclr' | 'perscan' | 'deepset': which views are contrasted (METHODS.md section 1).
+  c.method = 'deepset'
+  c.seed = 0
+  # A pretraining workdir whose encoder initialises this run (downstream configs); '' = random init.
+  c.init_from = ''
+
+  c.data = ml_collections.ConfigDict()
+  # 'phantom' (generated, offline) | 'nifti' | 'dicom' | 'png' | 'npz' | 'datalist' | 'tfds'.
+  c.data.source = 'phantom'
+  c.data.path = ''
+  c.data.image_size = 64
+  c.data.channels = 1  # 1 = grey scans as they are; 3 = grey repeated to RGB (reference code).
+  c.data.set_size = 3  # K: slices per set (DS-SimCLR). simclr/perscan use 1.
+  c.data.window = 0.5  # omega: window width as a fraction of the scan's slices.
+  c.data.variable_set_size = False  # pad sets of short scans and mask the missing slices.
+  c.data.slice_axis = 'axial'  # 'axial' | 'coronal' | 'sagittal' (after RAS reorientation).
+  # Intensity policy: 'ct' (HU window -> [0, 1]) | 'mri' (percentile clip -> [0, 1]) | 'minmax'.
+  c.data.intensity = 'ct'
+  c.data.ct_window = (-1000.0, 1000.0)  # HU (low, high) mapped to [0, 1].
+  c.data.mri_percentiles = (0.5, 99.5)
+  c.data.labels_csv = ''  # CSV: file name -> integer label.
+  c.data.masks_path = ''  # folder of voxel masks parallel to data.path.
+  c.data.cache_dir = ''  # decoded-volume cache ('' = <data.path>/.dsset_cache or a temp folder).
+  c.data.cache_max_gb = 20.0
+  c.data.on_bad_scan = 'skip'  # 'skip' (warn, summarise) | 'stop'.
+  c.data.num_workers = 0  # Grain worker processes; 0 = in the main process.
+  c.data.prefetch_buffer = 2
+  c.data.val_fraction = 0.15  # split of sources without their own splits, by scan.
+  c.data.test_fraction = 0.15
+  c.data.phantom = ml_collections.ConfigDict()
+  c.data.phantom.num_scans = 48
+  c.data.phantom.depth = 32
+  c.data.phantom.height = 64
+  c.data.phantom.width = 64
+  c.data.phantom.seed = 0
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop_scale = (0.08, 1.0)
+  c.augment.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.augment.flip_prob = 0.5
+  c.augment.jitter_strength = 0.8
+  c.augment.jitter_prob = 0.8
+  c.augment.blur_prob = 0.5
+  c.augment.blur_sigma = (0.1, 2.0)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = 'resnet18'  # 'resnet18' | 'resnet50'
+  c.model.small_stem = False  # 3x3/1 stem without max-pool, for 28-64 px inputs.
+  c.model.width_multiplier = 1.0
+  c.model.pooling = 'sum'  # set pooling: 'sum' | 'mean'
+  c.model.rho = False  # Deep Set rho MLP after pooling.
+  c.model.head_hidden = 2048
+  c.model.head_out = 128
+  c.model.dtype = 'auto'  # compute dtype: 'auto' (float32 on CPU, bfloat16 on GPU/TPU) | 'float32' | 'bfloat16'
+  c.model.cpu_fast_path = 'auto'  # CPU-only op rewrites: 'auto' (on when the backend is CPU) | 'on' | 'off'
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.temperature = 0.5  # reference code 0.5; SimCLR paper 0.1.
+  c.loss.same_scan_positives = False  # treat other items of the same scan in a batch as positives.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32  # global: scans (or slices) per step across all devices.
+  c.train.num_steps = 300
+  c.train.optimizer = 'adam'  # 'adam' | 'sgd' | 'lars'
+  c.train.learning_rate = 1e-3
+  c.train.momentum = 0.9
+  c.train.weight_decay = 1e-6
+  c.train.warmup_steps = 30
+  c.train.schedule = 'cosine'  # 'cosine' | 'constant'
+  c.train.grad_clip_norm = 0.0  # 0 = off.
+  c.train.log_every_steps = 10
+  c.train.on_nonfinite = 'stop'  # 'stop' | 'skip'
+
+  c.monitor = ml_collections.ConfigDict()
+  c.monitor.enabled = True  # online stop-gradient linear probe on the scan labels.
+  c.monitor.learning_rate = 1e-2
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100
+  c.checkpoint.max_to_keep = 3
+
+  return c

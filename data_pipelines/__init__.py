@@ -1,0 +1,1 @@
+"""Host-side data: random-access scan sources, Grain samplers and the batch pipeline."""
