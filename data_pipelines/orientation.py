@@ -1,0 +1,47 @@
+"""Voxel arrays with an affine -> slice-first volumes in a canonical orientation.
+
+Every format that knows where its voxels sit in patient space (NIfTI, DICOM) goes through here, so
+that the same scan stored two ways gives the same slices. The array is first brought to the closest
+RAS+ orientation (nibabel's convention: +x right, +y anterior, +z superior), then the slice axis is
+moved first and the in-plane axes ordered for radiological display.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+
+SLICE_AXES = ('axial', 'coronal', 'sagittal')
+
+# For each slice axis: the RAS axis order (slice, row, column) after reorientation, and which of the
+# (row, column) axes are flipped so that the image shows anterior/superior at the top and the
+# patient's right on the left of the screen (radiological convention).
+_LAYOUT = {
+    'axial': ((2, 1, 0), (True, True)),     # slices along S; rows A->P; columns R->L
+    'coronal': ((1, 2, 0), (True, True)),   # slices along A; rows S->I; columns R->L
+    'sagittal': ((0, 2, 1), (True, False)),  # slices along R; rows S->I; columns P->A
+}
+
+
+def canonical_slices(array: np.ndarray, affine: np.ndarray, slice_axis: str):
+  """Reorients a 3D array with its voxel-to-RAS affine; returns (volume [D, H, W], spacing (3,)).
+
+  The spacing follows the returned axes (slice, row, column) in mm.
+  """
+  if slice_axis not in SLICE_AXES:
+    raise ValueError(f'config key data.slice_axis={slice_axis!r} is not one of {SLICE_AXES}')
+  if array.ndim != 3:
+    raise ValueError(f'expected a 3D array, got shape {array.shape}')
+  current = nib.orientations.io_orientation(affine)
+  ras = nib.orientations.apply_orientation(array, current)
+  zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+  zooms_ras = np.empty(3)
+  zooms_ras[current[:, 0].astype(int)] = zooms
+  order, (flip_rows, flip_cols) = _LAYOUT[slice_axis]
+  volume = np.transpose(ras, order)
+  if flip_rows:
+    volume = volume[:, ::-1, :]
+  if flip_cols:
+    volume = volume[:, :, ::-1]
+  spacing = tuple(float(zooms_ras[a]) for a in order)
+  return np.ascontiguousarray(volume), spacing
