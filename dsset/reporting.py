@@ -1,0 +1,77 @@
+"""Where training metrics go: metrics.jsonl, TensorBoard, and a progress display.
+
+Only process 0 writes (the others get a reporter that does nothing), so multi-host runs produce one
+log. On a terminal a tqdm bar shows rate and ETA; otherwise (CI, SLURM logs) plain lines are printed
+at each log step so the log stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import tqdm
+
+
+def _format(metrics: dict[str, float]) -> str:
+  keys = ('loss', 'probe_accuracy', 'learning_rate', 'images_per_s')
+  return ' '.join(f'{k}={metrics[k]:.4g}' for k in keys if k in metrics)
+
+
+class Reporter:
+  """Writes one JSON object per logged step and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, num_steps: int, initial_step: int, enabled: bool = True,
+               stream=None):
+    self.enabled = enabled
+    self.num_steps = num_steps
+    self.stream = sys.stderr if stream is None else stream
+    self._bar = None
+    self._tb = None
+    self._jsonl = None
+    if not enabled:
+      return
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+    from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
+    self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+    if self.stream.isatty():
+      self._bar = tqdm.tqdm(total=num_steps, initial=initial_step, unit='step',
+                            dynamic_ncols=True, file=self.stream)
+    self._last_step = initial_step
+
+  def message(self, text: str) -> None:
+    """A line for the user that does not break the progress bar."""
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text, file=self.stream)
+    else:
+      print(text, file=self.stream, flush=True)
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in metrics.items()}
+    record = {'step': int(step), 'time': time.time(), **{
+        k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
+    self._jsonl.write(json.dumps(record) + '\n')
+    for k, v in clean.items():
+      if math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+    if self._bar is not None:
+      self._bar.update(step - self._last_step)
+      self._bar.set_postfix_str(_format(clean))
+    else:
+      self.message(f'step {step}/{self.num_steps} {_format(clean)}')
+    self._last_step = step
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.close()
+    self._tb.close()
+    self._jsonl.close()
