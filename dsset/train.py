@@ -159,11 +159,14 @@ def _mean_metrics(window: list[dict[str, jax.Array]]) -> tuple[dict[str, float],
   return {k: float(np.mean([m[k] for m in host])) for k in keys}, first_bad
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Pretrains per config in workdir (resuming if it holds a checkpoint); returns final metrics."""
+def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
+  """Pretrains per config in workdir (resuming if it holds a checkpoint); returns final metrics.
+
+  devices: the devices to train on (default: every device of every process).
+  """
   config_validation.validate(config)
   workdir = prepare_workdir(workdir, config)
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.train.batch_size, mesh)
   is_main = jax.process_index() == 0
 

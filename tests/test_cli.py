@@ -1,0 +1,63 @@
+"""The command line as a user runs it: resume across invocations and clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tiny model and data so each invocation compiles and runs in seconds.
+TINY = [
+    '--config.data.image_size=32', '--config.data.phantom.num_scans=16',
+    '--config.data.phantom.depth=12', '--config.data.phantom.height=32',
+    '--config.data.phantom.width=32', '--config.model.width_multiplier=0.125',
+    '--config.model.head_hidden=32', '--config.model.head_out=16',
+    '--config.train.batch_size=8', '--config.train.log_every_steps=1',
+]
+
+
+def run_cli(*args, timeout=300):
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  env.pop('XLA_FLAGS', None)  # one CPU device, as a user's laptop has
+  return subprocess.run([sys.executable, '-m', 'dsset.main', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_second_invocation_resumes_and_logs_only_new_steps(tmp_path):
+  workdir = str(tmp_path / 'run')
+  common = ['--config=configs/deepset.py', f'--workdir={workdir}', *TINY,
+            '--config.data.set_size=2']
+  first = run_cli(*common, '--config.train.num_steps=3')
+  assert first.returncode == 0, first.stderr
+  second = run_cli(*common, '--config.train.num_steps=6')
+  assert second.returncode == 0, second.stderr
+  assert 'Resuming from the checkpoint at step 3' in second.stderr
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    steps = [json.loads(line)['step'] for line in f]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  for name in ('config.json', 'backbone.msgpack', 'backbone.json', 'checkpoints'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
+  assert 'Results in' in second.stderr
+
+
+@pytest.mark.parametrize('flag, expected', [
+    ('--config.data.window=2.0', 'data.window=2.0'),
+    ('--config.model.backbone=resnet7', "model.backbone='resnet7'"),
+])
+def test_bad_value_gives_one_clear_line(tmp_path, flag, expected):
+  result = run_cli('--config=configs/deepset.py', f'--workdir={tmp_path / "w"}', flag)
+  assert result.returncode == 1
+  assert expected in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_unknown_key_is_rejected(tmp_path):
+  result = run_cli('--config=configs/deepset.py', f'--workdir={tmp_path / "w"}',
+                   '--config.train.nmu_steps=3')
+  assert result.returncode != 0
+  assert 'nmu_steps' in result.stderr
+  assert 'Traceback' not in result.stderr
