@@ -205,6 +205,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     for step in range(start_step + 1, num_steps + 1):
       batch = parallel.global_batch(next(train_iter), mesh)
       state, metrics = step_fn(state, batch)
+      if step == start_step + 1:
+        # The first call compiles; keep that out of the throughput figures.
+        jax.block_until_ready(metrics)
+        reporter.message(f'Compiled and ran the first step in {time.perf_counter() - tick:.1f} s')
+        tick = time.perf_counter()
+        steps_in_window = -1
       window.append(metrics)
       steps_in_window += 1
       is_log = step % config.train.log_every_steps == 0 or step == num_steps
@@ -221,7 +227,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
             + 'Lower train.learning_rate, set train.grad_clip_norm, or set '
             'train.on_nonfinite=skip to skip such steps.')
       elapsed = time.perf_counter() - tick
-      last['images_per_s'] = images_per_step * steps_in_window / max(elapsed, 1e-9)
+      if steps_in_window > 0:
+        last['images_per_s'] = images_per_step * steps_in_window / max(elapsed, 1e-9)
       last['skipped_steps'] = float(jax.device_get(state['nonfinite_steps']))
       last.pop('nonfinite')
       reporter.write(step, last)

@@ -40,8 +40,9 @@ class ContrastiveModel(nn.Module):
 class ContrastiveMethod:
   """The pure functions the training loop needs: init variables and the loss of one batch."""
 
-  # Where the transferable 2D encoder lives inside the variables (for export and init_from).
-  encoder_path = ('set_encoder', 'encoder')
+  # Where the transferable 2D encoder lives inside the variables (for export and init_from): a
+  # Linen module passed as an attribute is named after the first parent attribute that holds it.
+  encoder_path = ('backbone',)
 
   def __init__(self, config):
     self.config = config
