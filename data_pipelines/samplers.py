@@ -145,12 +145,17 @@ class DeepSetSampler(_ViewSampler, grain.transforms.RandomMap):
   """deepset: record = scan index; two independent windows of K evenly spaced slices."""
 
   def __init__(self, source: ScanSource, image_size: int, channels: int, omega: float,
-               set_size: int):
+               set_size: int, variable_set_size: bool):
     super().__init__(source, image_size, channels, set_size=set_size)
     self._omega = omega
+    self._variable_set_size = variable_set_size
 
   def random_map(self, element: int, rng: np.random.Generator) -> dict:
     scan = self._source[int(element)]
+    if scan.num_slices < self._set_size and not self._variable_set_size:
+      # Sources drop such scans when they are built; this guards sources that cannot know.
+      raise DataError(f'{scan.scan_id}: {scan.num_slices} slices, fewer than data.set_size='
+                      f'{self._set_size} (set data.variable_set_size=True to pad)')
     views = [set_indices(scan.num_slices, self._omega, self._set_size, rng) for _ in range(2)]
     return self._example(int(element), scan, views)
 
@@ -171,7 +176,8 @@ def make_sampler(config, source: ScanSource) -> _ViewSampler:
     return SimclrSampler(source, size, channels)
   if config.method == 'perscan':
     return PerScanSampler(source, size, channels, float(data.window))
-  return DeepSetSampler(source, size, channels, float(data.window), int(data.set_size))
+  return DeepSetSampler(source, size, channels, float(data.window), int(data.set_size),
+                        bool(data.variable_set_size))
 
 
 def scan_slices(scan: Scan, image_size: int, channels: int) -> np.ndarray:
