@@ -173,6 +173,9 @@ class NiftiSource:
       self._labels.append(labels.get(relative, labels.get(path.name, -1)))
       self._masks.append(mask)
     self._report(bad, data_config, split)
+    self._scan_ids = [p.relative_to(self._root).as_posix() for p in self._files]
+    self._volume_keys = [self._cache_key(p, 'volume') for p in self._files]
+    self._mask_keys = [m and self._cache_key(m, 'mask') for m in self._masks]
     self._open_maps: OrderedDict = OrderedDict()
 
   @staticmethod
@@ -233,27 +236,33 @@ class NiftiSource:
     return len(self._files)
 
   def __getitem__(self, index: int) -> Scan:
-    path = self._files[index]
-    mask_path = self._masks[index]
-    return Scan(volume=self._mapped(path, 'volume'), spacing=self._geometry[index][1],
-                scan_id=path.relative_to(self._root).as_posix(), label=self._labels[index],
-                mask=None if mask_path is None else self._mapped(mask_path, 'mask'))
+    path, mask_path = self._files[index], self._masks[index]
+    return Scan(volume=self._mapped(path, self._volume_keys[index], self._decode_volume),
+                spacing=self._geometry[index][1], scan_id=self._scan_ids[index],
+                label=self._labels[index],
+                mask=None if mask_path is None else self._mapped(mask_path, self._mask_keys[index],
+                                                                 self._decode_mask))
 
-  def _mapped(self, path: pathlib.Path, kind: str) -> np.ndarray:
-    """The decoded volume (or mask) of a file as a memory map, decoding it on a cache miss."""
+  def _cache_key(self, path: pathlib.Path, kind: str) -> tuple[str, ...]:
+    """Everything that determines a decoded array: the file's identity and the decoding settings.
+
+    Taken once when the source is built: a file replaced during a run is read as it was then.
+    """
     stat = path.stat()
     key = [_CACHE_VERSION, kind, str(path.resolve()), stat.st_size, stat.st_mtime_ns,
            self._slice_axis]
     if kind == 'volume':
       key.append([self._intensity.intensity, self._intensity.ct_window,
                   self._intensity.mri_percentiles])
-    cache_key = tuple(map(str, key))
-    if cache_key in self._open_maps:
-      self._open_maps.move_to_end(cache_key)
-      return self._open_maps[cache_key]
-    build = self._decode_volume if kind == 'volume' else self._decode_mask
-    array = self._cache.load(key, lambda: build(path))
-    self._open_maps[cache_key] = array
+    return tuple(map(str, key))
+
+  def _mapped(self, path: pathlib.Path, key: tuple[str, ...], decode) -> np.ndarray:
+    """The decoded array of a file as a memory map, decoding it on a cache miss."""
+    if key in self._open_maps:
+      self._open_maps.move_to_end(key)
+      return self._open_maps[key]
+    array = self._cache.load(key, lambda: decode(path))
+    self._open_maps[key] = array
     if len(self._open_maps) > _MAX_OPEN_MAPS:
       self._open_maps.popitem(last=False)
     return array
