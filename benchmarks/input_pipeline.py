@@ -91,7 +91,7 @@ def _pipeline_benchmark(config, workers: int) -> None:
   _print({'benchmark': 'input_pipeline', 'sampler': 'deepset', 'workers': workers,
           'slices_per_s': round(slices / seconds, 1), 'batches': _BATCHES.value,
           'batch_size': config.train.batch_size, 'set_size': config.data.set_size,
-          'image_size': config.data.image_size})
+          'image_size': config.data.image_size, 'read_threads': config.data.read_threads})
 
 
 def main(argv):

@@ -39,6 +39,7 @@ def get_config(arg=None):
   c.data.on_bad_scan = 'skip'  # 'skip' (warn, summarise) | 'stop'.
   c.data.num_workers = 0  # Grain worker processes; 0 = in the main process.
   c.data.prefetch_buffer = 2
+  c.data.read_threads = 2  # threads per process computing examples (Grain ReadOptions).
   c.data.val_fraction = 0.15  # split of sources without their own splits, by scan.
   c.data.test_fraction = 0.15
   c.data.phantom = ml_collections.ConfigDict()

@@ -1,7 +1,7 @@
 """Config -> Grain pipeline -> iterator of host-local numpy batches (the batch contract).
 
-Training: records (flat slice indices for simclr, scan indices otherwise) are shuffled with
-config.seed, repeated forever with a new order each epoch, turned into examples by the method's
+Training: records (flat slice indices for simclr, scan indices otherwise) are repeated forever in a
+new order each epoch, seeded by config.seed, turned into examples by the method's
 sampler, then every host takes every process_count-th example of that one global stream and batches
 its share. Because the sampler's randomness is drawn from the position in the global stream, the
 union of the hosts' batches is the same whatever the number of hosts, and an iterator restored from
@@ -10,6 +10,7 @@ get_state() gives the same next batches. Worker processes (data.num_workers) onl
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import grain
@@ -21,10 +22,33 @@ from data_pipelines.errors import DataError
 EVAL_MODES = ('scan', 'slice')
 
 
-def _records(config, source, sampler) -> list[int]:
+def _num_records(source, sampler) -> int:
   if isinstance(sampler, samplers.SimclrSampler):
-    return list(range(sampler.num_records))
-  return list(range(len(source)))
+    return sampler.num_records
+  return len(source)
+
+
+class EpochShuffle(grain.transforms.MapWithIndex):
+  """Position in the endless stream -> record: a new seeded permutation of the records each epoch.
+
+  Used instead of MapDataset.shuffle, whose per-element cost explodes for small datasets (measured
+  here: 5.8 ms per element with 4 records, 0.9 ms with 32, 0.07 ms with 1000), which are common for
+  scan-level records. A permutation costs O(records) once per epoch and is kept per process.
+  """
+
+  def __init__(self, num_records: int, seed: int):
+    self._num_records = num_records
+    self._seed = seed
+    self._epoch_order = (-1, np.empty(0, dtype=np.int64))
+
+  def map_with_index(self, index: int, element: int) -> int:
+    del element  # the endless range's own value is the index itself
+    epoch, position = divmod(index, self._num_records)
+    cached_epoch, order = self._epoch_order  # one tuple: read and replaced atomically by threads
+    if cached_epoch != epoch:
+      order = np.random.default_rng([self._seed, epoch]).permutation(self._num_records)
+      self._epoch_order = (epoch, order)
+    return int(order[position])
 
 
 def make_train_dataset(config, *, process_index: int, process_count: int) -> grain.IterDataset:
@@ -34,18 +58,22 @@ def make_train_dataset(config, *, process_index: int, process_count: int) -> gra
                     f'the {process_count} processes')
   source = sources.make_source(config.data, 'train')
   sampler = samplers.make_sampler(config, source)
-  records = _records(config, source, sampler)
-  if not records:
+  num_records = _num_records(source, sampler)
+  if not num_records:
     raise DataError(f'no training scans from data.source={config.data.source!r} '
                     f'(data.path={config.data.path!r})')
-  dataset = grain.MapDataset.source(records).seed(int(config.seed)).shuffle().repeat()
+  seed = int(config.seed)
+  dataset = grain.MapDataset.range(sys.maxsize).map_with_index(EpochShuffle(num_records, seed))
   if isinstance(sampler, grain.transforms.RandomMap):
-    dataset = dataset.random_map(sampler)
+    dataset = dataset.random_map(sampler, seed=seed)
   else:
     dataset = dataset.map(sampler)
   dataset = dataset[process_index::process_count]
   dataset = dataset.batch(config.train.batch_size // process_count, drop_remainder=True)
-  iter_dataset = dataset.to_iter_dataset()
+  # Grain's default (16 threads, 500 batches ahead) holds gigabytes of 128 px sets in memory.
+  iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=int(config.data.read_threads),
+      prefetch_buffer_size=int(config.data.prefetch_buffer)))
   if config.data.num_workers > 0:
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(config.data.num_workers),
