@@ -122,3 +122,12 @@ def test_two_worker_processes_give_the_same_batches_and_restore():
   restored = pipeline.make_train_iterator(config, process_index=0, process_count=1)
   restored.set_state(state)
   assert_same_batches(take(restored, 2), expected[2:])
+
+
+def test_preview_grid_is_written(tmp_path):
+  from data_pipelines import preview
+  batch = next(pipeline.make_train_iterator(small_config(), process_index=0, process_count=1))
+  rows = [('scan', batch['views'][i] / 255.0, batch['mask'][i]) for i in range(2)]
+  rows[1][2][1, 2] = False  # a padded slice is drawn hatched, not as an image
+  preview.write_grid(rows, str(tmp_path / 'grid.png'))
+  assert (tmp_path / 'grid.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
