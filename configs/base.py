@@ -39,6 +39,7 @@ def get_config(arg=None):
   c.data.on_bad_scan = 'skip'  # 'skip' (warn, summarise) | 'stop'.
   c.data.num_workers = 0  # Grain worker processes; 0 = in the main process.
   c.data.prefetch_buffer = 2
+  c.data.read_threads = 2  # threads per process computing examples (Grain ReadOptions).
   c.data.val_fraction = 0.15  # split of sources without their own splits, by scan.
   c.data.test_fraction = 0.15
   c.data.phantom = ml_collections.ConfigDict()
@@ -47,6 +48,7 @@ def get_config(arg=None):
   c.data.phantom.height = 64
   c.data.phantom.width = 64
   c.data.phantom.seed = 0
+  c.data.phantom.noise_hu = 15.0  # Gaussian noise (HU) added to every phantom voxel.
 
   c.augment = ml_collections.ConfigDict()
   c.augment.crop_scale = (0.08, 1.0)
