@@ -24,12 +24,13 @@ class CachedScanSource(Generic[Entry]):
   """len/getitem over `entries`, decoding each with `load(entry) -> Scan` (a picklable callable)."""
 
   def __init__(self, entries: Sequence[Entry], load: Callable[[Entry], Scan], num_classes: int,
-               cache_scans: int):
+               cache_scans: int, skipped: Sequence[str] = ()):
     if cache_scans < 0:
       raise DataError(f'config key data.decoded_cache_scans={cache_scans} must be >= 0')
     self._entries = list(entries)
     self._load = load
     self._num_classes = int(num_classes)
+    self._skipped = list(skipped)
     self._cache_scans = int(cache_scans)
     self._cache: collections.OrderedDict[int, Scan] = collections.OrderedDict()
 
@@ -58,23 +59,28 @@ class CachedScanSource(Generic[Entry]):
   def entries(self) -> list[Entry]:
     return list(self._entries)
 
+  @property
+  def skipped(self) -> list[str]:
+    """Why each input left out when the source was built was bad (for prepare's summary)."""
+    return list(self._skipped)
+
   def __getstate__(self):
     state = dict(self.__dict__)
     state['_cache'] = collections.OrderedDict()
     return state
 
 
-def keep_usable(candidates: Sequence, build: Callable[..., Entry], data_config,
-                what: str) -> list[Entry]:
+def keep_usable(candidates: Sequence, build: Callable[..., Entry], data_config, what: str,
+                problems: list[str]) -> list[Entry]:
   """Builds an entry from every candidate (`build` raises DataError) and applies data.on_bad_scan.
 
-  'skip' logs each bad scan and a summary and keeps the rest; 'stop' raises the first error.
-  Nothing usable at all is an error naming data.path.
+  'skip' logs each bad scan and a summary, appends the messages to `problems` and keeps the rest;
+  'stop' raises the first error. Nothing usable at all is an error naming data.path.
   """
   if data_config.on_bad_scan not in ON_BAD_SCAN:
     raise DataError(f'config key data.on_bad_scan={data_config.on_bad_scan!r} is not one of '
                     f'{ON_BAD_SCAN}')
-  usable, problems = [], []
+  usable, bad = [], []
   for candidate in candidates:
     try:
       entry = build(candidate)
@@ -82,13 +88,14 @@ def keep_usable(candidates: Sequence, build: Callable[..., Entry], data_config,
       if data_config.on_bad_scan == 'stop':
         raise
       logging.warning('skipping a bad scan: %s', e)
-      problems.append(str(e))
+      bad.append(str(e))
       continue
     usable.append(entry)
-  if problems:
-    logging.warning('%d of %d %s skipped (data.on_bad_scan=skip); first: %s', len(problems),
-                    len(candidates), what, problems[0])
+  problems.extend(bad)
+  if bad:
+    logging.warning('%d of %d %s skipped (data.on_bad_scan=skip); first: %s', len(bad),
+                    len(candidates), what, bad[0])
   if not usable:
-    detail = f'; {len(problems)} bad, first: {problems[0]}' if problems else ''
+    detail = f'; {len(bad)} bad, first: {bad[0]}' if bad else ''
     raise DataError(f'data.path: no usable {what} in {data_config.path}{detail}')
   return usable

@@ -52,6 +52,9 @@ class _FileHeader:
   shape: tuple[int, int]  # rows, columns
   positions: tuple[tuple[float, float, float], ...]  # one per frame, LPS mm
   slice_gap: float  # SpacingBetweenSlices or SliceThickness; used only for one-slice series
+  # Why the pixel data cannot be used (truncated, no decoder); it makes the whole series bad, since
+  # a series silently missing a slice would be a different scan.
+  problem: str = ''
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,17 +80,17 @@ def _functional(ds, sequence: str, attribute: str, frame: int):
   return ds.get(attribute)
 
 
-def _decoder_problem(ds, path: str) -> str | None:
+def _decoder_problem(ds, path: str) -> str:
   """A message when the file's transfer syntax needs a decoder that is not installed."""
   syntax = getattr(ds, 'file_meta', {}).get('TransferSyntaxUID')
   if syntax is None or not syntax.is_compressed:
-    return None
+    return ''
   try:
     decoder = pydicom.pixels.get_decoder(syntax)
   except NotImplementedError:
     return f'{path}: transfer syntax {syntax.name} ({syntax}) has no pixel data decoder in pydicom'
   if decoder.is_available:
-    return None
+    return ''
   options = '; '.join(decoder.missing_dependencies)
   return (f'{path}: pixel data is compressed as {syntax.name} ({syntax}) and no installed package '
           f'decodes it; install one of: {options} (for example pip install pylibjpeg '
@@ -114,9 +117,6 @@ def read_header(path: str) -> _FileHeader | None:
     return None
   if 'Rows' not in ds or 'SeriesInstanceUID' not in ds:
     return None
-  problem = _decoder_problem(ds, path)
-  if problem:
-    raise DataError(problem)
   if int(ds.get('SamplesPerPixel', 1)) != 1:
     raise DataError(f'{path}: colour DICOM images (SamplesPerPixel={ds.SamplesPerPixel}) are not '
                     'supported; only greyscale scans')
@@ -141,26 +141,28 @@ def read_header(path: str) -> _FileHeader | None:
     positions = [None]
   if any(p is None for p in positions):
     raise DataError(f'{path}: no ImagePositionPatient, so the slices cannot be ordered')
-  header = _FileHeader(
+  shape = (int(ds.Rows), int(ds.Columns))
+  return _FileHeader(
       path=path, series_uid=str(ds.SeriesInstanceUID), orientation=orientation,
-      pixel_spacing=(float(spacing[0]), float(spacing[1])), shape=(int(ds.Rows), int(ds.Columns)),
-      positions=tuple(tuple(float(v) for v in p) for p in positions), slice_gap=float(gap))
-  _check_length(ds, header, num_frames, header_end)
-  return header
+      pixel_spacing=(float(spacing[0]), float(spacing[1])), shape=shape,
+      positions=tuple(tuple(float(v) for v in p) for p in positions), slice_gap=float(gap),
+      problem=_decoder_problem(ds, path) or _length_problem(ds, path, shape, num_frames,
+                                                            header_end))
 
 
-def _check_length(ds, header: _FileHeader, num_frames: int, header_end: int) -> None:
+def _length_problem(ds, path: str, shape: tuple[int, int], num_frames: int,
+                    header_end: int) -> str:
   """Uncompressed pixel data has a known size: a shorter file was truncated."""
   syntax = getattr(ds, 'file_meta', {}).get('TransferSyntaxUID')
   if syntax is not None and syntax.is_compressed:
-    return
+    return ''
   bits = int(ds.get('BitsAllocated', 16))
   # 8 bytes: the shortest element header (tag and length, implicit VR).
-  needed = header_end + 8 + (header.shape[0] * header.shape[1] * num_frames * bits + 7) // 8
-  size = os.path.getsize(header.path)
+  needed = header_end + 8 + (shape[0] * shape[1] * num_frames * bits + 7) // 8
+  size = os.path.getsize(path)
   if size < needed:
-    raise DataError(f'{header.path}: file is truncated ({size} bytes, the pixel data needs at '
-                    f'least {needed})')
+    return f'{path}: file is truncated ({size} bytes, the pixel data needs at least {needed})'
+  return ''
 
 
 def _series_affine(headers: list[_FileHeader], frames: list[tuple[np.ndarray, str, int]],
@@ -200,6 +202,9 @@ def _series_affine(headers: list[_FileHeader], frames: list[tuple[np.ndarray, st
 def _build_series(group: tuple[str, str, str, list[_FileHeader]],
                   labels: dict[str, int]) -> Series:
   scan_id, uid, split_group, headers = group
+  for h in headers:
+    if h.problem:
+      raise DataError(f'DICOM series {scan_id}: {h.problem}')
   frames = [(np.asarray(p), h.path, f) for h in headers for f, p in enumerate(h.positions)]
   normal = np.cross(headers[0].orientation[:3], headers[0].orientation[3:])
   frames.sort(key=lambda item: float(item[0] @ normal))
@@ -264,10 +269,14 @@ def _files_under(root: str) -> list[str]:
   return paths
 
 
-def find_series(root: str, data_config, labels: dict[str, int]) -> list[Series]:
-  """Every usable series under `root`, named by folder relative to root (plus UID if shared)."""
-  headers = [h for h in keep_usable(_files_under(root), read_header, data_config, 'DICOM files')
-             if h is not None]
+def find_series(root: str, data_config, labels: dict[str, int],
+                problems: list[str]) -> list[Series]:
+  """Every usable series under `root`, named by folder relative to root (plus UID if shared).
+
+  Messages about skipped files and series are appended to `problems`.
+  """
+  headers = [h for h in keep_usable(_files_under(root), read_header, data_config, 'DICOM files',
+                                    problems) if h is not None]
   by_uid: dict[str, list[_FileHeader]] = {}
   for h in headers:
     by_uid.setdefault(h.series_uid, []).append(h)
@@ -286,18 +295,20 @@ def find_series(root: str, data_config, labels: dict[str, int]) -> list[Series]:
   if not groups:
     raise DataError(f'data.path: no DICOM images under {root}')
   return keep_usable(groups, functools.partial(_build_series, labels=labels), data_config,
-                     'DICOM series')
+                     'DICOM series', problems)
 
 
 def make_source(data_config, split: str) -> CachedScanSource:
   """DICOM series under data.path for one split (train/val/test subfolders, else a hash split)."""
   root, hashed = splits.split_root(data_config.path, split)
   labels = labels_lib.labels_from_config(data_config)
-  series = find_series(root, data_config, labels)
+  problems = []
+  series = find_series(root, data_config, labels, problems)
   if hashed:
     series = [s for s in series if splits.hash_split(s.group, data_config) == split]
     if not series:
       raise DataError(f'data.path: no DICOM series of {data_config.path} fall in split {split!r} '
                       '(see data.val_fraction / data.test_fraction)')
   return CachedScanSource(series, functools.partial(load_series, data_config=data_config),
-                          labels_lib.num_classes(labels), data_config.decoded_cache_scans)
+                          labels_lib.num_classes(labels), data_config.decoded_cache_scans,
+                          problems)
