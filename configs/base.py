@@ -55,6 +55,7 @@ def get_config(arg=None):
   c.data.phantom.height = 64
   c.data.phantom.width = 64
   c.data.phantom.seed = 0
+  c.data.phantom.noise_hu = 15.0  # Gaussian noise (HU) added to every phantom voxel.
 
   c.augment = ml_collections.ConfigDict()
   c.augment.crop_scale = (0.08, 1.0)

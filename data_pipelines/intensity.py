@@ -6,6 +6,8 @@ no absolute scale, so each scan is clipped at its own percentiles and rescaled.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from data_pipelines.errors import DataError
@@ -37,3 +39,22 @@ def normalise(volume: np.ndarray, data_config, name: str) -> np.ndarray:
                     'the scan is constant or data.ct_window is degenerate')
   out = (volume - low) / (high - low)
   return np.clip(out, 0.0, 1.0, out=out)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntensitySettings:
+  """The data-config keys `normalise` reads, as plain values.
+
+  Sources keep this instead of the ConfigDict so that they pickle cheaply into Grain workers, and
+  use it in cache keys (a cached volume is only valid for the policy that produced it).
+  """
+
+  intensity: str
+  ct_window: tuple[float, float]
+  mri_percentiles: tuple[float, float]
+
+  @classmethod
+  def from_config(cls, data_config) -> 'IntensitySettings':
+    return cls(intensity=str(data_config.intensity),
+               ct_window=tuple(float(v) for v in data_config.ct_window),
+               mri_percentiles=tuple(float(v) for v in data_config.mri_percentiles))

@@ -45,3 +45,19 @@ def canonical_slices(array: np.ndarray, affine: np.ndarray, slice_axis: str):
     volume = volume[:, :, ::-1]
   spacing = tuple(float(zooms_ras[a]) for a in order)
   return np.ascontiguousarray(volume), spacing
+
+
+def canonical_geometry(shape, affine: np.ndarray, slice_axis: str):
+  """What canonical_slices would return as (shape (D, H, W), spacing), from a header alone.
+
+  Lets sources count slices and check set sizes without decoding any voxel.
+  """
+  if slice_axis not in SLICE_AXES:
+    raise ValueError(f'config key data.slice_axis={slice_axis!r} is not one of {SLICE_AXES}')
+  ras_axis = nib.orientations.io_orientation(affine)[:, 0].astype(int)
+  zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+  ras_shape, ras_zooms = np.empty(3, dtype=np.int64), np.empty(3)
+  ras_shape[ras_axis] = tuple(shape)[:3]
+  ras_zooms[ras_axis] = zooms
+  order, _ = _LAYOUT[slice_axis]
+  return (tuple(int(ras_shape[a]) for a in order), tuple(float(ras_zooms[a]) for a in order))

@@ -1,0 +1,192 @@
+"""Which slices make the two views of a pretraining example (METHODS.md section 1), as Grain maps.
+
+With n the slices of a scan and w = ceil(omega * n):
+- simclr: a record is one (scan, slice) pair of a flat index over every slice of every scan, so each
+  slice is equally likely however long its scan is; both views are that slice.
+- perscan: i ~ U{0, ..., n - w - 1}; the views are slices i and i + w. A scan with n < 5 falls back
+  to simclr: one slice of the scan, uniformly, twice.
+- deepset: each view independently: i ~ U{0, ..., n - w - 1}, indices = floor(linspace(i, i + w, K)).
+
+w is clamped to n - 1 (the window then covers the whole scan, i = 0) so that the range of i is never
+empty; this only matters when omega * n rounds up to n. ceil ignores floating-point error below 1e-9
+(0.1 * 30 is 3.0000000000000004 in floats, and means w = 3). With data.variable_set_size, a scan with
+n < K gives sets of n slices padded to K with mask False (the padded images are zero).
+
+Chosen slices are resized, whole, to a square of data.image_size (bilinear with Pillow's
+antialiasing, aspect not kept), quantised to uint8 (round(x * 255)) and repeated to data.channels.
+Randomness comes only from the generator Grain passes to random_map, which Grain derives from (seed,
+position in the repeated stream), so a restored iterator reproduces the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from data_pipelines.errors import DataError
+from data_pipelines.sources.base import Scan, ScanSource
+
+METHODS = ('simclr', 'perscan', 'deepset')
+# PS-SimCLR needs this many slices for a pair; shorter scans fall back to simclr (METHODS.md).
+PERSCAN_MIN_SLICES = 5
+
+
+def window_width(num_slices: int, omega: float) -> int:
+  """w = ceil(omega * n), clamped to n - 1 so that a start index always exists."""
+  width = math.ceil(round(omega * num_slices, 9))
+  return max(0, min(width, num_slices - 1))
+
+
+def perscan_indices(num_slices: int, omega: float, rng: np.random.Generator) -> tuple[int, int]:
+  """The two slice indices of a PS-SimCLR pair (equal for scans shorter than 5 slices)."""
+  if num_slices < PERSCAN_MIN_SLICES:
+    index = int(rng.integers(num_slices))
+    return index, index
+  width = window_width(num_slices, omega)
+  start = int(rng.integers(num_slices - width))
+  return start, start + width
+
+
+def set_indices(num_slices: int, omega: float, set_size: int,
+                rng: np.random.Generator) -> np.ndarray:
+  """Slice indices of one DS-SimCLR set: K evenly spaced slices of a random window.
+
+  A scan shorter than K gives min(K, n) indices (the caller pads and masks the rest).
+  """
+  width = window_width(num_slices, omega)
+  start = int(rng.integers(num_slices - width))
+  size = min(set_size, num_slices)
+  return np.floor(np.linspace(start, start + width, size)).astype(np.int64)
+
+
+def slice_counts(source: ScanSource) -> np.ndarray:
+  """Slices of every scan: from source.slice_counts when it has one, else by reading each scan."""
+  counts = getattr(source, 'slice_counts', None)
+  if counts is None:
+    counts = [source[i].num_slices for i in range(len(source))]
+  return np.asarray(counts, dtype=np.int64)
+
+
+def resize_slice(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+  """float [H0, W0] in [0, 1] -> uint8 [image_size, image_size, channels]."""
+  image = np.asarray(image, dtype=np.float32)
+  if image.shape != (image_size, image_size):
+    image = np.asarray(Image.fromarray(image).resize((image_size, image_size),
+                                                     Image.Resampling.BILINEAR))
+  quantised = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+  return np.repeat(quantised[:, :, None], channels, axis=2)
+
+
+class _ViewSampler:
+  """Reads chosen slices of a scan and lays out one example of the batch contract."""
+
+  def __init__(self, source: ScanSource, image_size: int, channels: int, set_size: int):
+    self._source = source
+    self._image_size = image_size
+    self._channels = channels
+    self._set_size = set_size
+
+  def _example(self, scan_index: int, scan: Scan, views: Sequence[np.ndarray]) -> dict:
+    size, channels, k = self._image_size, self._channels, self._set_size
+    images = np.zeros((2, k, size, size, channels), dtype=np.uint8)
+    mask = np.zeros((2, k), dtype=bool)
+    # One read of the distinct slices of both views: a memory-mapped volume reads only these.
+    needed = np.unique(np.concatenate(views))
+    slices = dict(zip(needed.tolist(), np.asarray(scan.volume[needed])))
+    for v, indices in enumerate(views):
+      for j, index in enumerate(indices.tolist()):
+        images[v, j] = resize_slice(slices[index], size, channels)
+      mask[v, :len(indices)] = True
+    return {'views': images, 'mask': mask, 'scan_id': np.int32(scan_index),
+            'label': np.int32(scan.label)}
+
+
+class SimclrSampler(_ViewSampler, grain.transforms.Map):
+  """simclr: record = flat slice index over all scans; both views are that slice."""
+
+  def __init__(self, source: ScanSource, image_size: int, channels: int):
+    super().__init__(source, image_size, channels, set_size=1)
+    # offsets[s] = index of the first slice of scan s in the flat record space.
+    self._offsets = np.concatenate([[0], np.cumsum(slice_counts(source))])
+
+  @property
+  def num_records(self) -> int:
+    return int(self._offsets[-1])
+
+  def locate(self, record: int) -> tuple[int, int]:
+    """Flat record -> (scan index, slice index)."""
+    scan_index = int(np.searchsorted(self._offsets, record, side='right')) - 1
+    return scan_index, int(record - self._offsets[scan_index])
+
+  def map(self, element: int) -> dict:
+    scan_index, slice_index = self.locate(int(element))
+    view = np.array([slice_index])
+    return self._example(scan_index, self._source[scan_index], (view, view))
+
+
+class PerScanSampler(_ViewSampler, grain.transforms.RandomMap):
+  """perscan: record = scan index; views are slices i and i + w (simclr under 5 slices)."""
+
+  def __init__(self, source: ScanSource, image_size: int, channels: int, omega: float):
+    super().__init__(source, image_size, channels, set_size=1)
+    self._omega = omega
+
+  def random_map(self, element: int, rng: np.random.Generator) -> dict:
+    scan = self._source[int(element)]
+    first, second = perscan_indices(scan.num_slices, self._omega, rng)
+    return self._example(int(element), scan, (np.array([first]), np.array([second])))
+
+
+class DeepSetSampler(_ViewSampler, grain.transforms.RandomMap):
+  """deepset: record = scan index; two independent windows of K evenly spaced slices."""
+
+  def __init__(self, source: ScanSource, image_size: int, channels: int, omega: float,
+               set_size: int, variable_set_size: bool):
+    super().__init__(source, image_size, channels, set_size=set_size)
+    self._omega = omega
+    self._variable_set_size = variable_set_size
+
+  def random_map(self, element: int, rng: np.random.Generator) -> dict:
+    scan = self._source[int(element)]
+    if scan.num_slices < self._set_size and not self._variable_set_size:
+      # Sources drop such scans when they are built; this guards sources that cannot know.
+      raise DataError(f'{scan.scan_id}: {scan.num_slices} slices, fewer than data.set_size='
+                      f'{self._set_size} (set data.variable_set_size=True to pad)')
+    views = [set_indices(scan.num_slices, self._omega, self._set_size, rng) for _ in range(2)]
+    return self._example(int(element), scan, views)
+
+
+def make_sampler(config, source: ScanSource) -> _ViewSampler:
+  """The training sampler named by config.method, with its config keys checked."""
+  data = config.data
+  if config.method not in METHODS:
+    raise DataError(f'config key method={config.method!r} is not one of {METHODS}')
+  if not 0.0 < float(data.window) < 1.0:
+    raise DataError(f'config key data.window={data.window} must be in (0, 1)')
+  if int(data.set_size) < 1:
+    raise DataError(f'config key data.set_size={data.set_size} must be >= 1')
+  size, channels = int(data.image_size), int(data.channels)
+  if channels not in (1, 3):
+    raise DataError(f'config key data.channels={channels} must be 1 or 3')
+  if config.method == 'simclr':
+    return SimclrSampler(source, size, channels)
+  if config.method == 'perscan':
+    return PerScanSampler(source, size, channels, float(data.window))
+  return DeepSetSampler(source, size, channels, float(data.window), int(data.set_size),
+                        bool(data.variable_set_size))
+
+
+def scan_slices(scan: Scan, image_size: int, channels: int) -> np.ndarray:
+  """Every slice of a scan, resized: uint8 [n, image_size, image_size, channels]."""
+  volume = np.asarray(scan.volume)
+  return np.stack([resize_slice(image, image_size, channels) for image in volume])
+
+
+def labelled_slices(scan: Scan, image_size: int, channels: int) -> Iterator[np.ndarray]:
+  """Each slice of a labelled scan, resized, one at a time (the scan's label applies to each)."""
+  for index in range(scan.num_slices):
+    yield resize_slice(scan.volume[index], image_size, channels)

@@ -1,0 +1,124 @@
+"""Training iterator: batch contract, determinism, host sharding, checkpoint/restore; eval datasets."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import base
+from data_pipelines import pipeline
+from data_pipelines.errors import DataError
+
+
+def small_config(method='deepset', **train):
+  config = base.get_config()
+  config.method = method
+  config.data.set_size = 3 if method == 'deepset' else 1
+  config.data.image_size = 16
+  config.data.phantom.update(num_scans=16, depth=10, height=24, width=24)
+  config.train.batch_size = 4
+  config.train.update(train)
+  return config
+
+
+def take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def assert_same_batches(first, second):
+  assert len(first) == len(second)
+  for a, b in zip(first, second):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize('method,k', [('simclr', 1), ('perscan', 1), ('deepset', 3)])
+def test_batches_follow_the_contract(method, k):
+  config = small_config(method)
+  config.data.channels = 3
+  batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+  assert batch['views'].shape == (4, 2, k, 16, 16, 3) and batch['views'].dtype == np.uint8
+  assert batch['mask'].shape == (4, 2, k) and batch['mask'].dtype == bool and batch['mask'].all()
+  assert batch['scan_id'].shape == batch['label'].shape == (4,)
+  assert batch['scan_id'].dtype == batch['label'].dtype == np.int32
+  if method == 'simclr':
+    np.testing.assert_array_equal(batch['views'][:, 0], batch['views'][:, 1])
+
+
+def test_defaults_to_jax_process_index_and_count():
+  batch = next(pipeline.make_train_iterator(small_config()))
+  assert batch['views'].shape[0] == 4
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+  config = small_config()
+  first = take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 3)
+  again = take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 3)
+  assert_same_batches(first, again)
+  config.seed = 1
+  other = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+  assert not np.array_equal(first[0]['views'], other['views'])
+
+
+def test_epochs_repeat_every_scan_in_a_new_order():
+  config = small_config('perscan', batch_size=8)  # 8 training scans: one batch per epoch
+  iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  epochs = [next(iterator)['scan_id'].tolist() for _ in range(3)]
+  assert all(sorted(e) == list(range(8)) for e in epochs)
+  assert len({tuple(e) for e in epochs}) > 1
+
+
+def test_restored_iterator_gives_the_same_next_batches():
+  config = small_config()
+  iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  take(iterator, 2)
+  state = json.loads(json.dumps(iterator.get_state()))  # what a checkpoint stores
+  expected = take(iterator, 3)
+  restored = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  restored.set_state(state)
+  assert_same_batches(take(restored, 3), expected)
+
+
+def test_hosts_split_one_global_stream():
+  config = small_config()
+  whole = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+  halves = [next(pipeline.make_train_iterator(config, process_index=p, process_count=2))
+            for p in range(2)]
+  for key in whole:
+    assert halves[0][key].shape[0] == 2
+    np.testing.assert_array_equal(whole[key][0::2], halves[0][key])
+    np.testing.assert_array_equal(whole[key][1::2], halves[1][key])
+
+
+def test_batch_size_must_divide_by_processes():
+  with pytest.raises(DataError, match='train.batch_size'):
+    pipeline.make_train_iterator(small_config(batch_size=5), process_index=0, process_count=2)
+
+
+def test_eval_dataset_gives_whole_scans_and_labelled_slices():
+  config = small_config()
+  scans = list(pipeline.make_eval_dataset(config, 'val', 'scan'))
+  assert len(scans) == 4
+  assert scans[0]['slices'].shape == (10, 16, 16, 1) and scans[0]['slices'].dtype == np.uint8
+  assert sorted(int(s['label']) for s in scans) == [0, 1, 2, 3]
+  slices = pipeline.make_eval_dataset(config, 'val', 'slice')
+  assert slices.num_classes == 4
+  images = list(slices)
+  assert len(images) == 4 * 10 and images[0]['image'].shape == (16, 16, 1)
+  np.testing.assert_array_equal(images[3]['image'], scans[0]['slices'][3])
+  with pytest.raises(ValueError, match='mode'):
+    pipeline.make_eval_dataset(config, 'val', 'volume')
+
+
+@pytest.mark.slow
+def test_two_worker_processes_give_the_same_batches_and_restore():
+  config = small_config()
+  expected = take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 4)
+  config.data.num_workers = 2
+  iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  assert_same_batches(take(iterator, 2), expected[:2])
+  state = json.loads(json.dumps(iterator.get_state()))
+  restored = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  restored.set_state(state)
+  assert_same_batches(take(restored, 2), expected[2:])

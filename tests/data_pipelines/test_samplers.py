@@ -1,0 +1,163 @@
+"""Sampler indices follow METHODS.md section 1 literally; examples follow the batch contract."""
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from configs import base
+from data_pipelines import samplers
+from data_pipelines.errors import DataError
+from data_pipelines.sources.base import Scan
+
+# Window fractions with few decimals, as users write them; Fraction gives their exact ceil.
+omegas = st.integers(1, 99).map(lambda p: p / 100)
+
+
+class EdgeRng:
+  """Stands in for np.random.Generator: returns the lowest or the highest allowed integer and
+  records the bound it was asked for, so a test sees the exact range of every draw."""
+
+  def __init__(self, highest: bool):
+    self.highest = highest
+    self.bounds = []
+
+  def integers(self, high):
+    self.bounds.append(high)
+    return high - 1 if self.highest else 0
+
+
+def exact_width(n, omega):
+  return math.ceil(Fraction(str(omega)) * n)
+
+
+@given(n=st.integers(1, 400), omega=omegas)
+def test_window_width_is_ceil_of_omega_n_clamped_below_n(n, omega):
+  assert samplers.window_width(n, omega) == min(exact_width(n, omega), n - 1)
+
+
+@given(n=st.integers(5, 400), omega=omegas, highest=st.booleans())
+def test_perscan_pair_is_i_and_i_plus_w(n, omega, highest):
+  rng = EdgeRng(highest)
+  first, second = samplers.perscan_indices(n, omega, rng)
+  w = min(exact_width(n, omega), n - 1)
+  assert rng.bounds == [n - w]  # i ~ U{0, ..., n - w - 1}
+  assert first == (n - w - 1 if highest else 0)
+  assert second == first + w
+
+
+@given(n=st.integers(1, 4), omega=omegas, seed=st.integers(0, 2**32 - 1))
+def test_perscan_falls_back_to_one_slice_under_five(n, omega, seed):
+  rng = EdgeRng(highest=bool(seed % 2))
+  first, second = samplers.perscan_indices(n, omega, rng)
+  assert rng.bounds == [n]  # uniform over all slices of the scan
+  assert first == second
+
+
+@given(n=st.integers(1, 300), omega=omegas, k=st.integers(1, 8), highest=st.booleans())
+def test_set_is_floor_linspace_of_a_window(n, omega, k, highest):
+  rng = EdgeRng(highest)
+  indices = samplers.set_indices(n, omega, k, rng)
+  w = min(exact_width(n, omega), n - 1)
+  i = n - w - 1 if highest else 0
+  assert rng.bounds == [n - w]
+  expected = np.floor(np.linspace(i, i + w, min(k, n))).astype(int)
+  np.testing.assert_array_equal(indices, expected)
+  assert indices.min() >= 0 and indices.max() <= n - 1
+
+
+def test_set_start_is_uniform_over_every_allowed_start():
+  rng = np.random.default_rng(0)
+  starts = {samplers.set_indices(20, 0.5, 3, rng)[0] for _ in range(500)}
+  assert starts == set(range(20 - 10))
+
+
+class CountingSource:
+  """Scans of the given lengths whose slice k holds the value (k + 1) / 255 everywhere, so the uint8
+  images of a view spell out which slices were chosen."""
+
+  num_classes = 0
+
+  def __init__(self, lengths, size=6):
+    self.lengths = lengths
+    self.size = size
+
+  def __len__(self):
+    return len(self.lengths)
+
+  def __getitem__(self, index):
+    n = self.lengths[index]
+    values = (np.arange(n, dtype=np.float32) + 1) / 255
+    volume = np.broadcast_to(values[:, None, None], (n, self.size, self.size)).copy()
+    return Scan(volume=volume, spacing=(1.0, 1.0, 1.0), scan_id=f'scan{index}', label=index)
+
+
+def chosen_slices(example):
+  """Slice index of every valid image of an example, as [2][K] lists."""
+  views, mask = example['views'], example['mask']
+  return [[int(views[v, j, 0, 0, 0]) - 1 for j in range(views.shape[1]) if mask[v, j]]
+          for v in range(2)]
+
+
+def test_simclr_records_visit_every_slice_of_every_scan_once():
+  source = CountingSource([3, 7, 1, 5])
+  sampler = samplers.SimclrSampler(source, image_size=4, channels=1)
+  assert sampler.num_records == 16
+  pairs = [sampler.locate(r) for r in range(sampler.num_records)]
+  assert pairs == [(s, i) for s, n in enumerate(source.lengths) for i in range(n)]
+  example = sampler.map(8)  # records 3..9 are the slices of scan 1
+  assert chosen_slices(example) == [[5], [5]] and example['scan_id'] == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), omega=omegas, seed=st.integers(0, 2**32 - 1))
+def test_perscan_sampler_reads_the_drawn_slices(n, omega, seed):
+  sampler = samplers.PerScanSampler(CountingSource([n]), image_size=4, channels=3, omega=omega)
+  example = sampler.random_map(0, np.random.default_rng(seed))
+  first, second = samplers.perscan_indices(n, omega, np.random.default_rng(seed))
+  assert chosen_slices(example) == [[first], [second]]
+  assert example['views'].shape == (2, 1, 4, 4, 3) and example['mask'].all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), omega=omegas, k=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))
+def test_deepset_sampler_draws_two_independent_windows(n, omega, k, seed):
+  sampler = samplers.DeepSetSampler(CountingSource([n]), image_size=4, channels=1, omega=omega,
+                                    set_size=k, variable_set_size=True)
+  example = sampler.random_map(0, np.random.default_rng(seed))
+  rng = np.random.default_rng(seed)
+  expected = [samplers.set_indices(n, omega, k, rng).tolist() for _ in range(2)]
+  assert chosen_slices(example) == expected
+  # Short scans give padded sets: mask False and zero images beyond the scan's n slices.
+  assert example['mask'].sum(axis=1).tolist() == [min(k, n)] * 2
+  assert not example['views'][:, min(k, n):].any()
+
+
+def test_deepset_short_scan_without_padding_names_the_scan():
+  sampler = samplers.DeepSetSampler(CountingSource([2]), image_size=4, channels=1, omega=0.5,
+                                    set_size=3, variable_set_size=False)
+  with pytest.raises(DataError, match='scan0: 2 slices'):
+    sampler.random_map(0, np.random.default_rng(0))
+
+
+def test_resize_slice_is_bilinear_uint8_repeated_to_channels():
+  ramp = np.tile(np.linspace(0, 1, 16, dtype=np.float32), (8, 1))  # non-square: aspect not kept
+  out = samplers.resize_slice(ramp, 4, 3)
+  assert out.shape == (4, 4, 3) and out.dtype == np.uint8
+  assert (out[..., 0] == out[..., 2]).all()
+  assert (np.diff(out[0, :, 0].astype(int)) > 0).all()  # the ramp survives
+  np.testing.assert_array_equal(samplers.resize_slice(np.full((5, 5), 0.5), 5, 1), 128)
+
+
+def test_make_sampler_checks_config_keys():
+  config = base.get_config()
+  config.data.window = 1.0
+  with pytest.raises(DataError, match='data.window'):
+    samplers.make_sampler(config, CountingSource([4]))
+  config = base.get_config()
+  config.method = 'mae'
+  with pytest.raises(DataError, match='method'):
+    samplers.make_sampler(config, CountingSource([4]))
