@@ -125,13 +125,16 @@ def _convert_split(source, split: str, partial_dir: str, data_config, bad: list)
   return written
 
 
-def _has_masks(partial_dir: str, splits: list[str]) -> bool:
-  with_mask = without_mask = 0
+def _inventory(partial_dir: str, splits: list[str]) -> tuple[dict[str, list[int]], bool]:
+  """(slice counts per split in example order, whether every scan has a mask) of converted scans."""
+  counts, with_mask, without_mask = {}, 0, 0
   for split in splits:
     folder = os.path.join(partial_dir, split)
-    for name in os.listdir(folder):
+    counts[split] = []
+    for name in sorted(os.listdir(folder)):
       if name.endswith('.npz'):
         with np.load(os.path.join(folder, name)) as archive:
+          counts[split].append(int(archive['volume'].shape[0]))
           if 'mask' in archive.files:
             with_mask += 1
           else:
@@ -139,12 +142,15 @@ def _has_masks(partial_dir: str, splits: list[str]) -> bool:
   if with_mask and without_mask:
     logging.warning('only %d of %d scans have masks; masks are left out of the prepared dataset',
                     with_mask, with_mask + without_mask)
-  return bool(with_mask) and not without_mask
+  return counts, bool(with_mask) and not without_mask
 
 
 def prepare(config, out: str) -> Summary:
   """Converts config.data's source into a TFDS ArrayRecord dataset under `out`; returns a summary."""
-  data_config = config.data
+  data_config = config.data.copy_and_resolve_references()
+  with data_config.unlocked():
+    # Keep scans shorter than one set: the set size is chosen when training reads the dataset.
+    data_config.variable_set_size = True
   if data_config.source == 'tfds':
     raise DataError('config key data.source=tfds is already a prepared dataset; prepare reads '
                     'another source (nifti, dicom, png, npz, datalist, phantom)')
@@ -174,9 +180,10 @@ def prepare(config, out: str) -> Summary:
   splits = [split for split, count in written.items() if count]
   if 'train' not in splits:
     raise DataError(f'data.path: no usable training scans in {data_config.path}')
-  builder = DssetScans(partial_dir=partial_dir, splits=splits,
-                       has_mask=_has_masks(partial_dir, splits), num_classes=num_classes,
-                       data_dir=out, file_format='array_record')
+  slice_counts, has_mask = _inventory(partial_dir, splits)
+  builder = DssetScans(partial_dir=partial_dir, splits=splits, has_mask=has_mask,
+                       num_classes=num_classes, slice_counts=slice_counts, data_dir=out,
+                       file_format='array_record')
   builder.download_and_prepare(
       download_dir=os.path.join(partial_dir, 'downloads'),
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))

@@ -37,12 +37,13 @@ class DssetScans(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version(VERSION)
 
   def __init__(self, *, partial_dir: str, splits: list[str], has_mask: bool, num_classes: int,
-               **kwargs):
+               slice_counts: dict[str, list[int]], **kwargs):
     # Set before the base class runs, which builds the DatasetInfo from these.
     self._partial_dir = partial_dir
     self._splits = list(splits)
     self._has_mask = has_mask
     self._num_classes = num_classes
+    self._slice_counts = slice_counts
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -60,7 +61,9 @@ class DssetScans(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description='3D scans converted by data_pipelines.prepare (dsset).',
         features=tfds.features.FeaturesDict(features),
-        metadata=tfds.core.MetadataDict(num_classes=self._num_classes),
+        # Stored beside the records so that readers know scan lengths without decoding volumes.
+        metadata=tfds.core.MetadataDict(num_classes=self._num_classes,
+                                        slice_counts=self._slice_counts),
         disable_shuffling=True)
 
   def _split_generators(self, dl_manager):

@@ -11,6 +11,7 @@ import collections
 from typing import Callable, Generic, Sequence, TypeVar
 
 from absl import logging
+import numpy as np
 
 from data_pipelines.errors import DataError
 from data_pipelines.sources.base import Scan
@@ -23,12 +24,14 @@ ON_BAD_SCAN = ('skip', 'stop')
 class CachedScanSource(Generic[Entry]):
   """len/getitem over `entries`, decoding each with `load(entry) -> Scan` (a picklable callable)."""
 
-  def __init__(self, entries: Sequence[Entry], load: Callable[[Entry], Scan], num_classes: int,
-               cache_scans: int, skipped: Sequence[str] = ()):
+  def __init__(self, entries: Sequence[Entry], load: Callable[[Entry], Scan],
+               slice_counts: Sequence[int], num_classes: int, cache_scans: int,
+               skipped: Sequence[str] = ()):
     if cache_scans < 0:
       raise DataError(f'config key data.decoded_cache_scans={cache_scans} must be >= 0')
     self._entries = list(entries)
     self._load = load
+    self._slice_counts = np.asarray(slice_counts, dtype=np.int64)
     self._num_classes = int(num_classes)
     self._skipped = list(skipped)
     self._cache_scans = int(cache_scans)
@@ -54,6 +57,11 @@ class CachedScanSource(Generic[Entry]):
   @property
   def num_classes(self) -> int:
     return self._num_classes
+
+  @property
+  def slice_counts(self) -> np.ndarray:
+    """Slices of every scan, known from headers (samplers need them without decoding)."""
+    return self._slice_counts.copy()
 
   @property
   def entries(self) -> list[Entry]:
@@ -99,3 +107,11 @@ def keep_usable(candidates: Sequence, build: Callable[..., Entry], data_config, 
     detail = f'; {len(bad)} bad, first: {bad[0]}' if bad else ''
     raise DataError(f'data.path: no usable {what} in {data_config.path}{detail}')
   return usable
+
+
+def check_slice_count(num_slices: int, data_config, name: str) -> None:
+  """A scan shorter than one set is bad unless data.variable_set_size pads sets."""
+  needed = 1 if data_config.variable_set_size else int(data_config.set_size)
+  if num_slices < needed:
+    raise DataError(f'{name}: has {num_slices} {data_config.slice_axis} slices; a set needs '
+                    f'data.set_size={needed} (or set data.variable_set_size=True)')

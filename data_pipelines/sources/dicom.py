@@ -22,11 +22,11 @@ import numpy as np
 
 from data_pipelines.errors import DataError
 from data_pipelines.intensity import normalise
-from data_pipelines.orientation import canonical_slices
+from data_pipelines.orientation import canonical_geometry, canonical_slices
 from data_pipelines.sources import labels as labels_lib
 from data_pipelines.sources import splits
 from data_pipelines.sources.base import Scan
-from data_pipelines.sources.cached import CachedScanSource, keep_usable
+from data_pipelines.sources.cached import CachedScanSource, check_slice_count, keep_usable
 
 try:
   import pydicom
@@ -64,6 +64,7 @@ class Series:
   uid: str
   frames: tuple[tuple[str, int], ...]  # (file, frame index inside that file)
   affine: np.ndarray
+  num_slices: int  # along data.slice_axis, after reorientation
   group: str  # what the hash split keys on: the top folder (patient), or the UID at the root
   label: int = -1
 
@@ -199,8 +200,8 @@ def _series_affine(headers: list[_FileHeader], frames: list[tuple[np.ndarray, st
   return _LPS_TO_RAS @ lps
 
 
-def _build_series(group: tuple[str, str, str, list[_FileHeader]],
-                  labels: dict[str, int]) -> Series:
+def _build_series(group: tuple[str, str, str, list[_FileHeader]], labels: dict[str, int],
+                  data_config) -> Series:
   scan_id, uid, split_group, headers = group
   for h in headers:
     if h.problem:
@@ -209,9 +210,12 @@ def _build_series(group: tuple[str, str, str, list[_FileHeader]],
   normal = np.cross(headers[0].orientation[:3], headers[0].orientation[3:])
   frames.sort(key=lambda item: float(item[0] @ normal))
   affine = _series_affine(headers, frames, f'DICOM series {scan_id}')
+  shape = (headers[0].shape[1], headers[0].shape[0], len(frames))  # [column, row, slice]
+  (num_slices, _, _), _ = canonical_geometry(shape, affine, data_config.slice_axis)
+  check_slice_count(num_slices, data_config, f'DICOM series {scan_id}')
   folder = scan_id.split('#')[0]
   return Series(scan_id=scan_id, uid=uid, frames=tuple((path, f) for _, path, f in frames),
-                affine=affine, group=split_group,
+                affine=affine, num_slices=num_slices, group=split_group,
                 label=labels_lib.label_for(labels, scan_id, folder, uid))
 
 
@@ -294,7 +298,8 @@ def find_series(root: str, data_config, labels: dict[str, int],
     groups.append((scan_id, uid, split_group_of[uid], members))
   if not groups:
     raise DataError(f'data.path: no DICOM images under {root}')
-  return keep_usable(groups, functools.partial(_build_series, labels=labels), data_config,
+  build = functools.partial(_build_series, labels=labels, data_config=data_config)
+  return keep_usable(groups, build, data_config,
                      'DICOM series', problems)
 
 
@@ -310,5 +315,5 @@ def make_source(data_config, split: str) -> CachedScanSource:
       raise DataError(f'data.path: no DICOM series of {data_config.path} fall in split {split!r} '
                       '(see data.val_fraction / data.test_fraction)')
   return CachedScanSource(series, functools.partial(load_series, data_config=data_config),
-                          labels_lib.num_classes(labels), data_config.decoded_cache_scans,
+                          [s.num_slices for s in series], labels_lib.num_classes(labels), data_config.decoded_cache_scans,
                           problems)

@@ -19,6 +19,7 @@ import numpy as np
 from data_pipelines.errors import DataError
 from data_pipelines.intensity import normalise
 from data_pipelines.sources.base import Scan
+from data_pipelines.sources.cached import check_slice_count
 
 _RGB_TO_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -80,7 +81,9 @@ class NpzSource:
                       f'(the file holds {sorted(keys)})')
     arrays = _read_arrays(self._path, [self._images_key, self._labels_key])
     self._images = _as_volumes(arrays[self._images_key], self._path, self._images_key)
+    self._images_shape = self._images.shape
     self._eight_bit = arrays[self._images_key].dtype == np.uint8
+    check_slice_count(self._images.shape[1], data_config, f'{self._path} {self._images_key}')
     if self._labels_key in arrays:
       self._labels = _as_labels(arrays[self._labels_key], len(self._images), self._path,
                                 self._labels_key)
@@ -113,6 +116,10 @@ class NpzSource:
   @property
   def num_classes(self) -> int:
     return self._num_classes
+
+  @property
+  def slice_counts(self) -> np.ndarray:
+    return np.full(len(self), self._images_shape[1], dtype=np.int64)
 
   def __getstate__(self):
     # Workers reread the images rather than receive a pickled copy of the whole array.

@@ -24,7 +24,7 @@ from data_pipelines.intensity import normalise
 from data_pipelines.sources import labels as labels_lib
 from data_pipelines.sources import splits
 from data_pipelines.sources.base import Scan
-from data_pipelines.sources.cached import CachedScanSource, keep_usable
+from data_pipelines.sources.cached import CachedScanSource, check_slice_count, keep_usable
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 _SLICE_NAME = re.compile(r'^.*-(\d+)\.[A-Za-z]+$')
@@ -95,8 +95,10 @@ def find_slice_folders(root: str) -> list[tuple[str, str, list[str]]]:
   return found
 
 
-def _build(candidate: tuple[str, str, list[str]], labels: dict[str, int]) -> SliceFolder:
+def _build(candidate: tuple[str, str, list[str]], labels: dict[str, int],
+           data_config) -> SliceFolder:
   scan_id, folder, names = candidate
+  check_slice_count(len(names), data_config, f'slice folder {folder}')
   return SliceFolder(scan_id=scan_id, files=_order_slices(folder, names),
                      label=labels_lib.label_for(labels, scan_id, os.path.basename(scan_id)))
 
@@ -113,8 +115,9 @@ def make_source(data_config, split: str) -> CachedScanSource:
   if not candidates:
     raise DataError(f'data.path: no folders of {IMAGE_SUFFIXES} slices in {root} for split {split!r}')
   problems = []
-  folders = keep_usable(candidates, functools.partial(_build, labels=labels), data_config,
+  build = functools.partial(_build, labels=labels, data_config=data_config)
+  folders = keep_usable(candidates, build, data_config,
                         'slice folders', problems)
   return CachedScanSource(folders, functools.partial(load_slice_folder, data_config=data_config),
-                          labels_lib.num_classes(labels), data_config.decoded_cache_scans,
+                          [len(f.files) for f in folders], labels_lib.num_classes(labels), data_config.decoded_cache_scans,
                           problems)
