@@ -74,7 +74,7 @@ def write_dicom_series(folder: str, data: np.ndarray, affine: np.ndarray = AFFIN
     ds.SliceThickness = float(np.linalg.norm(lps[:3, 2]))
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     ds.PixelData = np.ascontiguousarray(data[:, :, k].T).astype('<i2').tobytes()
-    path = os.path.join(folder, f'img{names[k]:03d}.dcm')
+    path = os.path.join(folder, f'img{seed}_{names[k]:03d}.dcm')
     ds.save_as(path, enforce_file_format=True)
     paths.append(path)
   return paths
