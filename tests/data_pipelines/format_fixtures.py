@@ -140,3 +140,11 @@ def truncate(path: str, keep_fraction: float = 0.5) -> None:
 
 def read_dicom(path: str) -> pydicom.Dataset:
   return pydicom.dcmread(path)
+
+
+def write_png_folder(folder: str, volume: np.ndarray, prefix: str = 'slice', order_seed=0) -> None:
+  """Slices of a uint8/uint16 [D, H, W] volume as <prefix>-<index>.png, written in shuffled order."""
+  from PIL import Image
+  os.makedirs(folder, exist_ok=True)
+  for k in np.random.default_rng(order_seed).permutation(volume.shape[0]):
+    Image.fromarray(volume[k]).save(os.path.join(folder, f'{prefix}-{k}.png'))
