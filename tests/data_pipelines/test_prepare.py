@@ -121,3 +121,22 @@ def test_resample_linear_and_nearest():
   assert nearest.dtype == np.int32 and set(nearest.ravel()) == {0, 1, 2}
   with pytest.raises(DataError, match='target_spacing'):
     resample(ramp, (1.0, 1.0, 1.0), (1.0, -1.0))
+
+
+@pytest.mark.parametrize('method', ['simclr', 'perscan', 'deepset'])
+def test_every_sampler_reads_dicom_and_prepared_sources(tmp_path, method):
+  from data_pipelines.samplers import make_sampler
+  for p in range(2):
+    ff.write_dicom_series(tmp_path / 'in' / 'train' / f'p{p}', ff.stored_values(seed=p), seed=p)
+  config = _config('dicom', tmp_path / 'in', image_size=8)
+  config.method = method
+  prepare.prepare(config, str(tmp_path / 'out'))
+  for source in (make_source(config.data, 'train'),
+                 make_source(_config('tfds', tmp_path / 'out').data, 'train')):
+    sampler = make_sampler(config, source)
+    if method == 'simclr':
+      example = sampler.map(0)
+    else:
+      example = sampler.random_map(1, np.random.default_rng(0))
+    k = 1 if method != 'deepset' else config.data.set_size
+    assert example['views'].shape == (2, k, 8, 8, 1) and example['views'].dtype == np.uint8
