@@ -4,7 +4,8 @@
       --config.data.source=dicom --config.data.path=IN --out=OUT
 
 Orientation and the intensity policy (inside the source) and resampling to data.target_spacing are
-applied here, so training reads finished volumes with --config.data.source=tfds --config.data.path=OUT.
+applied here, so training reads finished volumes with
+--config.data.source=tfds --config.data.path=OUT.
 
 Resumable: every scan is first converted to OUT/.partial/<split>/<index>.npz (written to a temporary
 name, then renamed, so a file that exists is complete); a rerun skips those and scans already found
@@ -146,7 +147,10 @@ def _inventory(partial_dir: str, splits: list[str]) -> tuple[dict[str, list[int]
 
 
 def prepare(config, out: str) -> Summary:
-  """Converts config.data's source into a TFDS ArrayRecord dataset under `out`; returns a summary."""
+  """Converts config.data's source into a TFDS ArrayRecord dataset under `out`; returns a summary.
+
+  The config is not modified.
+  """
   data_config = config.data.copy_and_resolve_references()
   with data_config.unlocked():
     # Keep scans shorter than one set: the set size is chosen when training reads the dataset.

@@ -1,9 +1,9 @@
 """Resampling a volume to a target voxel spacing (used once, by data_pipelines.prepare).
 
-Samples are taken at physical distances 0, t, 2t, ... from the first voxel centre along each axis
-(t = the target spacing), as far as the last voxel centre, so the output spacing is exactly the target
-and no sample lies outside the scan. Values: separable linear interpolation (a [0, 1] volume stays in
-[0, 1]); masks: nearest neighbour (labels are never blended). An axis already at the target spacing
+Samples are taken at physical distances 0, t, 2t, ... from the first voxel centre along each
+axis (t = the target spacing), as far as the last voxel centre, so the output spacing is exactly the
+target and no sample lies outside the scan. Values: separable linear interpolation (a [0, 1] volume
+stays in [0, 1]); masks: nearest neighbour (labels are never blended). An axis already at the target spacing
 is left untouched, so resampling to the scan's own spacing is the identity.
 """
 

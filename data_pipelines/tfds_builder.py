@@ -1,7 +1,7 @@
 """The TFDS dataset that data_pipelines.prepare writes: one example per scan, stored as ArrayRecord.
 
-The builder reads the per-scan files that prepare converted first (<partial_dir>/<split>/<index>.npz)
-and needs neither TensorFlow nor network access. It lives in an importable module, not in a script,
+The builder reads the per-scan files that prepare converted first
+(<partial_dir>/<split>/<index>.npz) and needs neither TensorFlow nor network access. It lives in an importable module, not in a script,
 because TFDS registers builders by class name and Grain workers re-import modules.
 Examples keep the source's order (shuffling disabled): example keys are the source indices.
 """

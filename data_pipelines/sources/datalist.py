@@ -1,7 +1,7 @@
 """A MONAI-style JSON datalist: {"training": [{"image": ..., "label": ...}], "validation": [...]}.
 
-Each "image" is a NIfTI file or a folder holding one DICOM series, relative to the JSON file's folder
-(or absolute). "label" is optional: an integer is the scan's class, a path is a voxel mask (NIfTI or
+Each "image" is a NIfTI file or a folder holding one DICOM series, relative to the JSON file's
+folder (or absolute). "label" is optional: an integer is the scan's class, a path is a voxel mask (NIfTI or
 DICOM) in the same geometry. Splits: train = "training", val = "validation", test = "test"; a
 datalist without a "test" list serves "validation" for the test split, with a warning.
 """

@@ -59,7 +59,7 @@ class _FileHeader:
 
 @dataclasses.dataclass(frozen=True)
 class Series:
-  """One scan: its frames in slice order and the voxel-to-RAS affine of the [column, row, slice] array."""
+  """One scan: frames in slice order and the voxel-to-RAS affine of its [column, row, slice] array."""
   scan_id: str
   uid: str
   frames: tuple[tuple[str, int], ...]  # (file, frame index inside that file)
@@ -70,7 +70,7 @@ class Series:
 
 
 def _functional(ds, sequence: str, attribute: str, frame: int):
-  """An attribute of an enhanced multi-frame file (per-frame, then shared groups), else top level."""
+  """Attribute of an enhanced multi-frame file (per-frame, then shared groups), else top level."""
   for groups, index in (('PerFrameFunctionalGroupsSequence', frame),
                         ('SharedFunctionalGroupsSequence', 0)):
     items = ds.get(groups)
@@ -99,7 +99,7 @@ def _decoder_problem(ds, path: str) -> str:
 
 
 def read_header(path: str) -> _FileHeader | None:
-  """Reads one file's geometry; None for files that are not DICOM images (DICOMDIR, reports, ...)."""
+  """Reads one file's geometry; None for files that are not DICOM images (DICOMDIR, reports)."""
   try:
     with open(path, 'rb') as f:
       ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -315,5 +315,6 @@ def make_source(data_config, split: str) -> CachedScanSource:
       raise DataError(f'data.path: no DICOM series of {data_config.path} fall in split {split!r} '
                       '(see data.val_fraction / data.test_fraction)')
   return CachedScanSource(series, functools.partial(load_series, data_config=data_config),
-                          [s.num_slices for s in series], labels_lib.num_classes(labels), data_config.decoded_cache_scans,
+                          [s.num_slices for s in series], labels_lib.num_classes(labels),
+                          data_config.decoded_cache_scans,
                           problems)

@@ -9,7 +9,7 @@ from data_pipelines.errors import DataError
 
 
 def read_labels_csv(path: str) -> dict[str, int]:
-  """Reads `name,label` rows into {name: int}; a first row whose label is not an integer is a header.
+  """Reads `name,label` rows into {name: int}; a first row without an integer label is a header.
 
   Names are matched against scan ids by the sources (see label_for), so they are kept as written,
   minus surrounding spaces.

@@ -49,7 +49,8 @@ def _order_slices(folder: str, names: list[str]) -> tuple[str, ...]:
                       f'{os.path.splitext(name)[1]} so that they can be ordered')
     number = int(match.group(1))
     if number in numbered:
-      raise DataError(f'{folder}: {numbered[number]} and {name} have the same slice number {number}')
+      raise DataError(f'{folder}: {numbered[number]} and {name} have the same slice number '
+                      f'{number}')
     numbered[number] = name
   return tuple(os.path.join(folder, numbered[n]) for n in sorted(numbered))
 
@@ -113,11 +114,13 @@ def make_source(data_config, split: str) -> CachedScanSource:
     candidates = [c for c in candidates
                   if splits.hash_split(c[0].split(os.sep)[0], data_config) == split]
   if not candidates:
-    raise DataError(f'data.path: no folders of {IMAGE_SUFFIXES} slices in {root} for split {split!r}')
+    raise DataError(f'data.path: no folders of {IMAGE_SUFFIXES} slices in {root} for split '
+                    f'{split!r}')
   problems = []
   build = functools.partial(_build, labels=labels, data_config=data_config)
   folders = keep_usable(candidates, build, data_config,
                         'slice folders', problems)
   return CachedScanSource(folders, functools.partial(load_slice_folder, data_config=data_config),
-                          [len(f.files) for f in folders], labels_lib.num_classes(labels), data_config.decoded_cache_scans,
+                          [len(f.files) for f in folders], labels_lib.num_classes(labels),
+                          data_config.decoded_cache_scans,
                           problems)

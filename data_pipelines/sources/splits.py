@@ -1,7 +1,8 @@
 """Train/val/test splits for folder formats that do not carry their own (DICOM trees, PNG folders).
 
 Either data.path holds train/, val/ and test/ subfolders (used as they are), or every scan group is
-assigned by a hash of its name, so the split of a scan never changes when scans are added or removed.
+assigned by a hash of its name, so the split of a scan never changes when
+scans are added or removed.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ class TfdsScanSource:
     try:
       builder = tfds.builder_from_directory(directory)
     except Exception as e:  # TFDS raises several types on damaged metadata
-      raise DataError(f'{directory}: unreadable prepared dataset ({type(e).__name__}: {e})') from None
+      raise DataError(
+          f'{directory}: unreadable prepared dataset ({type(e).__name__}: {e})') from None
     if split not in builder.info.splits:
       raise DataError(f'{directory}: the prepared dataset has no split {split!r} '
                       f'(it has {sorted(builder.info.splits.keys())})')

@@ -31,12 +31,14 @@ def stored_values(shape=(16, 12, 6), seed=0) -> np.ndarray:
 def _geometry(affine: np.ndarray):
   lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
   column_step, row_step = lps[:3, 0], lps[:3, 1]
-  orientation = [*(column_step / np.linalg.norm(column_step)), *(row_step / np.linalg.norm(row_step))]
+  orientation = [*(column_step / np.linalg.norm(column_step)),
+                 *(row_step / np.linalg.norm(row_step))]
   spacing = [float(np.linalg.norm(row_step)), float(np.linalg.norm(column_step))]
   return lps, [float(v) for v in orientation], spacing
 
 
-def _image_dataset(sop_class, data: np.ndarray, series_uid: str, transfer_syntax=ExplicitVRLittleEndian):
+def _image_dataset(sop_class, data: np.ndarray, series_uid: str,
+                   transfer_syntax=ExplicitVRLittleEndian):
   meta = FileMetaDataset()
   meta.MediaStorageSOPClassUID = sop_class
   meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -58,7 +60,7 @@ def _image_dataset(sop_class, data: np.ndarray, series_uid: str, transfer_syntax
 
 def write_dicom_series(folder: str, data: np.ndarray, affine: np.ndarray = AFFINE, slope=1.0,
                        intercept=-1024.0, seed=0, series_uid=None) -> list[str]:
-  """One file per slice of `data` [X, Y, Z] (stored values), names shuffled, InstanceNumber descending."""
+  """One file per slice of `data` [X, Y, Z] (stored); shuffled names, descending InstanceNumber."""
   os.makedirs(folder, exist_ok=True)
   lps, orientation, spacing = _geometry(affine)
   series_uid = series_uid or generate_uid()
@@ -143,7 +145,7 @@ def read_dicom(path: str) -> pydicom.Dataset:
 
 
 def write_png_folder(folder: str, volume: np.ndarray, prefix: str = 'slice', order_seed=0) -> None:
-  """Slices of a uint8/uint16 [D, H, W] volume as <prefix>-<index>.png, written in shuffled order."""
+  """Slices of a uint8/uint16 [D, H, W] volume as <prefix>-<index>.png, written shuffled."""
   from PIL import Image
   os.makedirs(folder, exist_ok=True)
   for k in np.random.default_rng(order_seed).permutation(volume.shape[0]):

@@ -48,7 +48,8 @@ def test_rescale_gives_hounsfield_units(tmp_path):
   config = _config(tmp_path, intensity='ct', ct_window=(-300.0, 700.0))
   volume = make_source(config, 'train')[0].volume
   # Every stored value v becomes HU 0.5 v - 300, which the window maps to (0.5 v) / 1000.
-  assert volume.min() >= 0 and np.isclose(volume.max(), min(1.0, data.max() * 0.5 / 1000), atol=1e-6)
+  assert volume.min() >= 0
+  assert np.isclose(volume.max(), min(1.0, data.max() * 0.5 / 1000), atol=1e-6)
 
 
 def test_multiframe_file_matches_single_frame_series(tmp_path):

@@ -1,4 +1,4 @@
-"""prepare: sources -> TFDS ArrayRecord -> tfds source, voxel-exact, resumable, bad scans skipped."""
+"""prepare: source -> TFDS ArrayRecord -> tfds source, resumable, bad scans skipped."""
 
 import os
 
@@ -61,7 +61,8 @@ def test_npz_and_png_prepared_without_resampling_are_voxel_exact(tmp_path):
   prepare.prepare(config, str(tmp_path / 'out_npz'))
   _assert_prepared_equals_source(config, tmp_path / 'out_npz')
   for name in ('a', 'b', 'c'):
-    ff.write_png_folder(tmp_path / 'png' / 'train' / name, rng.integers(0, 255, (5, 8, 8), np.uint8))
+    ff.write_png_folder(tmp_path / 'png' / 'train' / name,
+                        rng.integers(0, 255, (5, 8, 8), np.uint8))
   config = _config('png', tmp_path / 'png')
   summary = prepare.prepare(config, str(tmp_path / 'out_png'))
   assert set(summary.missing_splits) == {'val', 'test'}
