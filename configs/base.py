@@ -40,6 +40,14 @@ def get_config(arg=None):
   c.data.num_workers = 0  # Grain worker processes; 0 = in the main process.
   c.data.prefetch_buffer = 2
   c.data.read_threads = 2  # threads per process computing examples (Grain ReadOptions).
+  # Decoded DICOM/PNG scans kept in memory per process (LRU), so samplers revisiting a scan skip
+  # the decode; 0 = no cache.
+  c.data.decoded_cache_scans = 8
+  # Voxel size (slice, row, column) in mm for formats without geometry (PNG folders, .npz).
+  c.data.default_spacing = (1.0, 1.0, 1.0)
+  # data_pipelines.prepare resamples every scan to this (slice, row, column) spacing in mm, by
+  # linear interpolation (masks: nearest); () keeps each scan's own spacing.
+  c.data.target_spacing = ()
   c.data.val_fraction = 0.15  # split of sources without their own splits, by scan.
   c.data.test_fraction = 0.15
   c.data.phantom = ml_collections.ConfigDict()

@@ -1,0 +1,126 @@
+"""PNG/JPEG slice folders (the DeepSet SimCLR reference layout): one folder per scan.
+
+Slice files are named <anything>-<int>.png (or .jpg/.jpeg) and ordered by that integer, so
+slice-10 follows slice-9. Image files have no patient geometry: slices stay in file order and the
+spacing is data.default_spacing.
+
+Intensity: 8-bit images already hold display values, so they are scaled by 1/255 whatever
+data.intensity says (the reference code did the same); 16-bit and 32-bit images hold raw values and
+go through data.intensity. Colour images are converted to grey (PIL's 'L' luminance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+
+import numpy as np
+from PIL import Image
+
+from data_pipelines.errors import DataError
+from data_pipelines.intensity import normalise
+from data_pipelines.sources import labels as labels_lib
+from data_pipelines.sources import splits
+from data_pipelines.sources.base import Scan
+from data_pipelines.sources.cached import CachedScanSource, check_slice_count, keep_usable
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+_SLICE_NAME = re.compile(r'^.*-(\d+)\.[A-Za-z]+$')
+# PIL modes kept as they are; every other mode (RGB, RGBA, P, LA, 1, ...) is converted to 'L'.
+_GREY_MODES = ('L', 'I;16', 'I;16B', 'I;16L', 'I', 'F')
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceFolder:
+  """One scan: its slice files in slice order."""
+  scan_id: str
+  files: tuple[str, ...]
+  label: int = -1
+
+
+def _order_slices(folder: str, names: list[str]) -> tuple[str, ...]:
+  numbered = {}
+  for name in names:
+    match = _SLICE_NAME.match(name)
+    if not match:
+      raise DataError(f'{os.path.join(folder, name)}: slice files must be named <anything>-<int>'
+                      f'{os.path.splitext(name)[1]} so that they can be ordered')
+    number = int(match.group(1))
+    if number in numbered:
+      raise DataError(f'{folder}: {numbered[number]} and {name} have the same slice number '
+                      f'{number}')
+    numbered[number] = name
+  return tuple(os.path.join(folder, numbered[n]) for n in sorted(numbered))
+
+
+def _read_slice(path: str) -> np.ndarray:
+  try:
+    with Image.open(path) as image:
+      image.load()
+      if image.mode not in _GREY_MODES:
+        image = image.convert('L')
+      return np.asarray(image)
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise DataError(f'{path}: unreadable image ({e})') from None
+
+
+def load_slice_folder(folder: SliceFolder, data_config) -> Scan:
+  """Decodes every slice file and stacks them into a Scan."""
+  slices = [_read_slice(path) for path in folder.files]
+  for path, image in zip(folder.files, slices):
+    if image.shape != slices[0].shape:
+      raise DataError(f'{path}: image size {image.shape} differs from {folder.files[0]} '
+                      f'{slices[0].shape}')
+  values = np.stack(slices)
+  if values.dtype == np.uint8:
+    volume = values.astype(np.float32) / np.float32(255.0)
+  else:
+    volume = normalise(values, data_config, f'slice folder {folder.scan_id}')
+  spacing = tuple(float(v) for v in data_config.default_spacing)
+  return Scan(volume=volume, spacing=spacing, scan_id=folder.scan_id, label=folder.label)
+
+
+def find_slice_folders(root: str) -> list[tuple[str, str, list[str]]]:
+  """(scan_id, folder, image file names) for every folder under root that holds image files."""
+  found = []
+  for folder, subfolders, names in os.walk(root):
+    subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
+    images = [n for n in names
+              if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith('.')]
+    if images:
+      rel = os.path.relpath(folder, root)
+      scan_id = os.path.basename(os.path.abspath(root)) if rel == '.' else rel
+      found.append((scan_id, folder, images))
+  return found
+
+
+def _build(candidate: tuple[str, str, list[str]], labels: dict[str, int],
+           data_config) -> SliceFolder:
+  scan_id, folder, names = candidate
+  check_slice_count(len(names), data_config, f'slice folder {folder}')
+  return SliceFolder(scan_id=scan_id, files=_order_slices(folder, names),
+                     label=labels_lib.label_for(labels, scan_id, os.path.basename(scan_id)))
+
+
+def make_source(data_config, split: str) -> CachedScanSource:
+  """Slice folders under data.path for one split (train/val/test subfolders, else a hash split)."""
+  root, hashed = splits.split_root(data_config.path, split)
+  labels = labels_lib.labels_from_config(data_config)
+  candidates = find_slice_folders(root)
+  if hashed:
+    # The top folder decides, so nested scans of one patient stay in one split.
+    candidates = [c for c in candidates
+                  if splits.hash_split(c[0].split(os.sep)[0], data_config) == split]
+  if not candidates:
+    raise DataError(f'data.path: no folders of {IMAGE_SUFFIXES} slices in {root} for split '
+                    f'{split!r}')
+  problems = []
+  build = functools.partial(_build, labels=labels, data_config=data_config)
+  folders = keep_usable(candidates, build, data_config,
+                        'slice folders', problems)
+  return CachedScanSource(folders, functools.partial(load_slice_folder, data_config=data_config),
+                          [len(f.files) for f in folders], labels_lib.num_classes(labels),
+                          data_config.decoded_cache_scans,
+                          problems)
