@@ -196,20 +196,23 @@ def prepare(config, out: str) -> Summary:
                  missing_splits=missing)
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/<x>.py).')
-_OUT = flags.DEFINE_string('out', None, 'Folder to write the prepared TFDS dataset to.')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    summary = prepare(_CONFIG.value, _OUT.value)
+    summary = prepare(flags.FLAGS.config, flags.FLAGS.out)
   except DataError as e:
     raise SystemExit(f'error: {e}') from None
   print('\n'.join(summary.lines()))
 
 
-if __name__ == '__main__':
+def define_flags() -> None:
+  """Flags exist only when this module runs as the program, so importing it never clashes."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/<x>.py).')
+  flags.DEFINE_string('out', None, 'Folder to write the prepared TFDS dataset to.')
   flags.mark_flags_as_required(['config', 'out'])
+
+
+if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -17,14 +17,6 @@ from ml_collections import config_flags
 
 from data_pipelines import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Pretraining config file.')
-_OUT = flags.DEFINE_string('out', 'preview.png', 'PNG file to write.')
-_SCANS = flags.DEFINE_integer('scans', 4, 'Examples (rows) to show.')
-_AUGMENTED = flags.DEFINE_bool('augmented', False,
-                               'Also show the views after on-device augmentation '
-                               '(needs dsset.augment.augment_views).')
-
-
 def _augment(config, views: np.ndarray) -> np.ndarray:
   """views uint8 [B, 2, K, H, W, C] -> float [B, 2, K, H, W, C] in [0, 1], augmented on device.
 
@@ -42,11 +34,11 @@ def _augment(config, views: np.ndarray) -> np.ndarray:
 
 def _rows(config, batch: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
   """(title, views [2, K, H, W, C] float in [0, 1], mask [2, K]) for every row of the grid."""
-  count = min(_SCANS.value, batch['views'].shape[0])
+  count = min(flags.FLAGS.scans, batch['views'].shape[0])
   views, mask = batch['views'][:count], batch['mask'][:count]
   rows = [(f'scan {batch["scan_id"][i]} label {batch["label"][i]}', views[i] / 255.0, mask[i])
           for i in range(count)]
-  if not _AUGMENTED.value:
+  if not flags.FLAGS.augmented:
     return rows
   augmented = _augment(config, views)
   return [row for i, plain in enumerate(rows)
@@ -86,14 +78,24 @@ def write_grid(rows, path: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/deepset.py')
   config.data.num_workers = 0  # one batch: worker start-up would cost more than it saves
   batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
-  write_grid(_rows(config, batch), _OUT.value)
-  print(f'wrote {_OUT.value}')
+  write_grid(_rows(config, batch), flags.FLAGS.out)
+  print(f'wrote {flags.FLAGS.out}')
+
+
+def define_flags() -> None:
+  """Flags exist only when this module runs as the program, so importing it never clashes."""
+  config_flags.DEFINE_config_file('config', None, 'Pretraining config file.')
+  flags.DEFINE_string('out', 'preview.png', 'PNG file to write.')
+  flags.DEFINE_integer('scans', 4, 'Examples (rows) to show.')
+  flags.DEFINE_bool('augmented', False,
+                    'Also show the views after on-device augmentation.')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

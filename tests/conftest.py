@@ -10,6 +10,12 @@ os.environ.setdefault('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
 
+import tempfile  # noqa: E402
+
+# One compilation cache for the whole test session (and the CLI subprocesses it starts): the same
+# tiny training step is compiled by several tests.
+os.environ.setdefault('DSSET_COMPILATION_CACHE', tempfile.mkdtemp(prefix='dsset_xla_cache_'))
+
 from absl import flags  # noqa: E402
 
 # Grain worker processes read absl flags; outside absl.app.run they must be marked as parsed.

@@ -62,5 +62,5 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], pa
   """
   del fast  # Both settings share the plain op until a CPU rewrite exists.
   return jax.lax.reduce_window(
-      x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, *window, 1), (1, *strides, 1),
+      x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1),
       ((0, 0), *padding, (0, 0)))
