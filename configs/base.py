@@ -8,8 +8,14 @@ scripts rely on them. Values are validated at start-up by dsset.config_validatio
 import ml_collections
 
 
+VARIANTS = ('paper',)
+
+
 def get_config(arg=None):
-  del arg
+  """Defaults for a few-minute run on a laptop CPU; arg 'paper' gives the paper's settings."""
+  if arg not in (None, '', *VARIANTS):
+    raise ValueError(f'unknown config variant {arg!r}; known variants: {", ".join(VARIANTS)} '
+                     '(e.g. --config=configs/deepset.py:paper)')
   c = ml_collections.ConfigDict()
 
   # 'simclr' | 'perscan' | 'deepset': which views are contrasted (METHODS.md section 1).
@@ -68,7 +74,7 @@ def get_config(arg=None):
   c.augment.blur_sigma = (0.1, 2.0)
 
   c.model = ml_collections.ConfigDict()
-  c.model.backbone = 'resnet18'  # 'resnet18' | 'resnet50'
+  c.model.backbone = 'resnet18'  # 'resnet10' (quick) | 'resnet18' | 'resnet50'
   c.model.small_stem = False  # 3x3/1 stem without max-pool, for 28-64 px inputs.
   c.model.width_multiplier = 1.0
   c.model.pooling = 'sum'  # set pooling: 'sum' | 'mean'
@@ -103,4 +109,26 @@ def get_config(arg=None):
   c.checkpoint.every_steps = 100
   c.checkpoint.max_to_keep = 3
 
+  if arg == 'paper':
+    paper_settings(c)
   return c
+
+
+def paper_settings(c) -> None:
+  """DS-SimCLR's reference settings (METHODS.md 1c): ResNet-50, 128 px, K = 3, omega = 0.5,
+  batch 32, Adam with warm-up and cosine decay, temperature 0.5.
+
+  The paper trains 100 epochs with 1 warm-up epoch; with the phantom's 32 training scans an epoch
+  is one step of 32 scans. For your data set train.num_steps = 100 * scans / 32 and
+  train.warmup_steps = scans / 32.
+  """
+  c.model.backbone = 'resnet50'
+  c.data.image_size = 128
+  c.data.set_size = 3
+  c.data.window = 0.5
+  c.train.batch_size = 32
+  c.train.optimizer = 'adam'
+  c.train.schedule = 'cosine'
+  c.train.num_steps = 100
+  c.train.warmup_steps = 1
+  c.loss.temperature = 0.5

@@ -61,6 +61,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
   from data_pipelines.orientation import SLICE_AXES
   from data_pipelines.sources import SOURCES
   from dsset.methods import METHODS
+  from dsset.models import BACKBONES
   return {
       'method': _one_of(*sorted(METHODS)),
       'data.source': _one_of(*sorted(SOURCES)),
@@ -83,7 +84,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'augment.jitter_prob': _probability(),
       'augment.blur_prob': _probability(),
       'augment.blur_sigma': _range(1e-6, 1e3),
-      'model.backbone': _one_of('resnet18', 'resnet50'),
+      'model.backbone': _one_of(*sorted(BACKBONES)),
       'model.width_multiplier': _positive(),
       'model.pooling': _one_of('sum', 'mean'),
       'model.head_hidden': _positive_int(),

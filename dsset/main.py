@@ -4,6 +4,7 @@ Overrides go through --config.<key>=<value>; unknown keys are rejected by the lo
 logic lives in dsset.train so tests can call it directly.
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -19,10 +20,35 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
   try:
-    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    config = flags.FLAGS.config
+    config.get('method')  # the config file is loaded lazily: surface a load error here
+  except OSError as e:
+    print(f'dsset: error: --config: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(2)
+  try:
+    train.train_and_evaluate(config, flags.FLAGS.workdir)
   except (ConfigError, DataError, train.TrainingError) as e:
     print(f'dsset: error: {e}', file=sys.stderr)
     sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with bad --config overrides reported as one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'dsset: error: {e}\nRun with --helpfull for the flags.', file=sys.stderr)
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these for an override of a key that does not exist, with a
+    # 'did you mean' hint in the message.
+    hint = re.search(r'Did you mean "[^"]+"', str(e))
+    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    print(f'dsset: error: unknown config key in {" ".join(overrides)}'
+          + (f' ({hint.group(0)}?)' if hint else '')
+          + '; configs/base.py lists every key', file=sys.stderr)
+  except (ValueError, TypeError) as e:
+    print(f'dsset: error: bad config override: {e}', file=sys.stderr)
+  sys.exit(2)
 
 
 def define_flags() -> None:
@@ -37,4 +63,4 @@ def define_flags() -> None:
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

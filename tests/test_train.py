@@ -23,6 +23,7 @@ def tiny_config(method: str, **overrides):
   c.data.phantom.depth = 12
   c.data.phantom.height = 32
   c.data.phantom.width = 32
+  c.model.backbone = 'resnet10'
   c.model.width_multiplier = 0.125
   c.model.head_hidden = 32
   c.model.head_out = 16

@@ -126,10 +126,13 @@ class ResNet(nn.Module):
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
+# ResNet-10 (one basic block per stage) is not in torchvision; it is a quick model for laptops and
+# for tests, where compile time rather than compute dominates.
+ResNet10 = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), block=BasicBlock)
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock)
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck)
 
-BACKBONES = {'resnet18': ResNet18, 'resnet50': ResNet50}
+BACKBONES = {'resnet10': ResNet10, 'resnet18': ResNet18, 'resnet50': ResNet50}
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
