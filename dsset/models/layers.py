@@ -1,0 +1,66 @@
+"""The one place where the encoders' convolutions and max-pools are computed.
+
+Every convolution of the ResNets goes through `Conv` and every max-pool through `max_pool`, so that
+backend-specific rewrites of these ops (for XLA:CPU, see notes/cpu-performance.md) can be switched
+on in one spot with the `fast` flag without touching the network definitions. Today both settings of
+`fast` run the plain XLA ops.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torchvision initialises ResNet convolutions with kaiming_normal_(mode='fan_out', nonlinearity='relu').
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+Padding = Sequence[tuple[int, int]]
+
+
+class Conv(nn.Module):
+  """2D convolution over NHWC inputs, with nn.Conv's parameter names and layout.
+
+  Attributes:
+    features: number of output channels.
+    kernel_size: (height, width) of the kernel.
+    strides: (height, width) strides.
+    padding: explicit ((top, bottom), (left, right)) zero padding (torchvision pads symmetrically,
+      unlike 'SAME' with stride 2).
+    use_bias: add a learned bias (ResNets do not: a BatchNorm follows every conv).
+    dtype: compute dtype; inputs and kernel are cast to it.
+    param_dtype: storage dtype of the parameters.
+    fast: allow CPU-specific rewrites of this op; currently the plain XLA convolution either way.
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: Padding = ((0, 0), (0, 0))
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  fast: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', kaiming_fan_out,
+                        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), window_strides=self.strides,
+        padding=tuple(self.padding), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padding: Padding,
+             fast: bool = False) -> jax.Array:
+  """Max-pool over the spatial axes of NHWC `x`; padded positions never win (-inf).
+
+  `fast` allows a CPU-specific rewrite; currently the plain XLA reduce_window either way.
+  """
+  del fast  # Both settings share the plain op until a CPU rewrite exists.
+  return jax.lax.reduce_window(
+      x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, *window, 1), (1, *strides, 1),
+      ((0, 0), *padding, (0, 0)))

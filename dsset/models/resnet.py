@@ -1,0 +1,170 @@
+"""2D ResNets in torchvision's layout, without the classifier, for grey (or RGB) slices.
+
+`ResNet(...).apply(variables, x, train=...)` maps images [N, H, W, C] to features [N, D] (float32).
+The number of input channels is taken from the input, so single-channel scans need no repetition.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dsset.models import layers
+
+
+def _pad(kernel: int) -> layers.Padding:
+  # torchvision pads every conv and the max-pool symmetrically by kernel // 2.
+  return ((kernel // 2, kernel // 2),) * 2
+
+
+class _Block(nn.Module):
+  """Shared plumbing of the residual blocks: conv and BatchNorm factories."""
+  width: int
+  strides: int
+  dtype: Any
+  cpu_fast_path: bool
+
+  def conv(self, features: int, kernel: int, strides: int = 1) -> layers.Conv:
+    return layers.Conv(features, (kernel, kernel), (strides, strides), _pad(kernel),
+                       dtype=self.dtype, fast=self.cpu_fast_path)
+
+  def norm(self, train: bool) -> nn.BatchNorm:
+    return _batch_norm(train, self.dtype)
+
+  def shortcut(self, x: jax.Array, out_features: int, train: bool,
+               mask: jax.Array | None) -> jax.Array:
+    # torchvision projects the identity (1x1 conv + BN) only when the shape changes.
+    if self.strides == 1 and x.shape[-1] == out_features:
+      return x
+    return self.norm(train)(self.conv(out_features, 1, self.strides)(x), mask=mask)
+
+
+def _batch_norm(train: bool, dtype: Any) -> nn.BatchNorm:
+  # Flax momentum 0.9 == torch momentum 0.1; epsilon as torch. Scale starts at 1 (torchvision).
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                      param_dtype=jnp.float32)
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs (ResNet-18/34); output width = `width`."""
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None) -> jax.Array:
+    y = nn.relu(self.norm(train)(self.conv(self.width, 3, self.strides)(x), mask=mask))
+    y = self.norm(train)(self.conv(self.width, 3)(y), mask=mask)
+    return nn.relu(y + self.shortcut(x, self.width, train, mask))
+
+
+class Bottleneck(_Block):
+  """1x1 - 3x3 (strided, as torchvision's v1.5) - 1x1 convs; output width = 4 * `width`."""
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None) -> jax.Array:
+    out = self.width * self.expansion
+    y = nn.relu(self.norm(train)(self.conv(self.width, 1)(x), mask=mask))
+    y = nn.relu(self.norm(train)(self.conv(self.width, 3, self.strides)(y), mask=mask))
+    y = self.norm(train)(self.conv(out, 1)(y), mask=mask)
+    return nn.relu(y + self.shortcut(x, out, train, mask))
+
+
+class ResNet(nn.Module):
+  """Feature extractor: stem, four stages of residual blocks, global average pool.
+
+  Attributes:
+    stage_sizes: blocks per stage.
+    block: BasicBlock or Bottleneck.
+    small_stem: 3x3/1 stem conv without max-pool (for 28-64 px inputs) instead of 7x7/2 + 3x3/2 pool.
+    width_multiplier: scales every layer's width (64, 128, 256, 512 base widths).
+    dtype: compute dtype; parameters and returned features stay float32.
+    cpu_fast_path: route convs and pools through their CPU rewrites in `layers`.
+  """
+  stage_sizes: Sequence[int]
+  block: type[_Block]
+  small_stem: bool = False
+  width_multiplier: float = 1.0
+  dtype: Any = jnp.float32
+  cpu_fast_path: bool = False
+
+  def stage_width(self, stage: int) -> int:
+    return max(1, int(64 * 2**stage * self.width_multiplier))
+
+  @property
+  def num_features(self) -> int:
+    """Length D of the feature vector."""
+    return self.stage_width(len(self.stage_sizes) - 1) * self.block.expansion
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Encodes images.
+
+    Args:
+      x: images [N, H, W, C].
+      train: BatchNorm uses (and updates) batch statistics instead of running averages.
+      mask: optional boolean [N]; in train mode only the True images enter the batch statistics.
+
+    Returns:
+      float32 features [N, num_features].
+    """
+    bn_mask = None if mask is None else mask.reshape(-1, 1, 1, 1)
+    kernel, stride = (3, 1) if self.small_stem else (7, 2)
+    x = layers.Conv(self.stage_width(0), (kernel, kernel), (stride, stride), _pad(kernel),
+                    dtype=self.dtype, fast=self.cpu_fast_path)(x)
+    x = nn.relu(_batch_norm(train, self.dtype)(x, mask=bn_mask))
+    if not self.small_stem:
+      x = layers.max_pool(x, (3, 3), (2, 2), _pad(3), fast=self.cpu_fast_path)
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for index in range(num_blocks):
+        strides = 2 if stage > 0 and index == 0 else 1
+        x = self.block(self.stage_width(stage), strides, self.dtype, self.cpu_fast_path)(
+            x, train, bn_mask)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck)
+
+BACKBONES = {'resnet18': ResNet18, 'resnet50': ResNet50}
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def resolve_dtype(name: str) -> Any:
+  """model.dtype -> a jnp dtype; 'auto' is float32 on CPU (no native bf16 there), else bfloat16."""
+  if name == 'auto':
+    return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+  if name not in _DTYPES:
+    raise ValueError(f"model.dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+  return _DTYPES[name]
+
+
+def resolve_cpu_fast_path(setting: str) -> bool:
+  """model.cpu_fast_path -> bool; 'auto' is on exactly when JAX runs on the CPU."""
+  if setting == 'auto':
+    return jax.default_backend() == 'cpu'
+  if setting not in ('on', 'off'):
+    raise ValueError(f"model.cpu_fast_path must be 'auto', 'on' or 'off', got {setting!r}")
+  return setting == 'on'
+
+
+def make_backbone(model_config: ml_collections.ConfigDict) -> ResNet:
+  """Builds the encoder named by model.backbone with the model section's options."""
+  if model_config.backbone not in BACKBONES:
+    raise ValueError(f'model.backbone must be one of {sorted(BACKBONES)}, '
+                     f'got {model_config.backbone!r}')
+  if not model_config.width_multiplier > 0:
+    raise ValueError(f'model.width_multiplier must be positive, got {model_config.width_multiplier}')
+  return BACKBONES[model_config.backbone](
+      small_stem=model_config.small_stem, width_multiplier=model_config.width_multiplier,
+      dtype=resolve_dtype(model_config.dtype),
+      cpu_fast_path=resolve_cpu_fast_path(model_config.cpu_fast_path))
+
+
+def feature_dim(model_config: ml_collections.ConfigDict) -> int:
+  """Feature length D of the backbone that `make_backbone(model_config)` builds."""
+  return make_backbone(model_config).num_features
