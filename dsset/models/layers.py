@@ -31,7 +31,8 @@ class Conv(nn.Module):
     use_bias: add a learned bias (ResNets do not: a BatchNorm follows every conv).
     dtype: compute dtype; inputs and kernel are cast to it.
     param_dtype: storage dtype of the parameters.
-    fast: compute convs whose output map is smaller than the kernel as one matmul (dsset.ops.cpu_conv).
+    fast: compute convs whose output map is smaller than the kernel as one matmul
+      (dsset.ops.cpu_conv).
   """
   features: int
   kernel_size: tuple[int, int]

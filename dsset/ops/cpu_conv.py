@@ -4,8 +4,9 @@ XLA:CPU compiles a convolution whose output map is smaller than its window (the 
 the 2x2 and 1x1 maps of a ResNet's last stages at 32-64 px) into a swapped-operand form that is
 code-generated as a naive loop, 10-100x slower than its other convolutions (measured on two cores:
 4.6 s instead of 36 ms for forward+backward at 128x2x2x512, 268 ms instead of 16 ms for the stride-2
-conv from 4x4 to 2x2); this holds with either convolution library. Gathering the kernel taps with strided slices and contracting them in one matmul avoids that
-code path, and XLA differentiates slices, concatenation and dot well.
+conv from 4x4 to 2x2); this holds with either convolution library. Gathering the kernel taps with
+strided slices and contracting them in one matmul avoids that code path, and XLA differentiates
+slices, concatenation and dot well.
 """
 
 from collections.abc import Sequence

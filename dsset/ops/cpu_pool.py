@@ -1,10 +1,10 @@
 """Max-pooling whose gradient is computed with masks instead of select_and_scatter.
 
-The forward is XLA's reduce_window. Its autodiff backward is a select_and_scatter, which XLA:CPU runs
-slowly (about 160 ms forward+backward at (128, 32, 32, 64) on two cores). Here the backward compares
-each window offset's strided slice of the input with the pooled output and routes the gradient to the
-FIRST maximum of each window in row-major window order, which is autodiff's tie rule; ties are common
-because the pool follows a ReLU and many windows hold several zeros.
+The forward is XLA's reduce_window. Its autodiff backward is a select_and_scatter, which XLA:CPU
+runs slowly (about 160 ms forward+backward at (128, 32, 32, 64) on two cores). Here the backward
+compares each window offset's strided slice of the input with the pooled output and routes the
+gradient to the FIRST maximum of each window in row-major window order, which is autodiff's tie
+rule; ties are common because the pool follows a ReLU and many windows hold several zeros.
 """
 
 from collections.abc import Sequence

@@ -41,7 +41,7 @@ def _check(name, image_size):
   assert worst < GRADIENT_TOLERANCE, errors
 
 
-@pytest.mark.parametrize('image_size', [32, 64])
+@pytest.mark.parametrize('image_size', [32, pytest.param(64, marks=pytest.mark.slow)])
 def test_resnet18_fast_path_matches_plain(image_size):
   _check('resnet18', image_size)
 
@@ -54,7 +54,7 @@ def test_resnet50_fast_path_matches_plain(image_size):
 
 @pytest.mark.parametrize('fast,expected_convs', [(False, 20), (True, 16)])
 def test_fast_path_replaces_the_small_map_convs(fast, expected_convs):
-  # ResNet-18 at 64 px: 20 convs, of which the four 3x3 convs with 2x2 outputs (layer 4) are rewritten.
+  # ResNet-18 at 64 px has 20 convs; the four 3x3 convs with 2x2 outputs (layer 4) are rewritten.
   backbone = models.ResNet18(cpu_fast_path=fast)
   images = jnp.zeros((2, 64, 64, 1))
   variables = jax.eval_shape(backbone.init, jax.random.key(0), images)

@@ -1,4 +1,4 @@
-"""The convolution and max-pool shapes of torchvision-layout ResNet-18/50 (7x7/2 stem + max-pool)."""
+"""Conv and max-pool shapes of torchvision-layout ResNet-18/50 (7x7/2 stem + max-pool)."""
 
 RESOLUTIONS = (32, 64, 128)
 

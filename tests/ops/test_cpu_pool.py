@@ -38,7 +38,10 @@ def _check_equivalent(x, window_shape, strides, padding):
   np.testing.assert_allclose(dx.sum(), g.sum(), rtol=1e-4)
 
 
-@pytest.mark.parametrize('image_size', resnet_shapes.RESOLUTIONS)
+@pytest.mark.parametrize('image_size', [
+    size if size == 64 else pytest.param(size, marks=pytest.mark.slow)
+    for size in resnet_shapes.RESOLUTIONS
+])
 @pytest.mark.parametrize('kind', ['relu', 'coarse'])
 def test_matches_autodiff_at_resnet_stem_shapes(image_size, kind):
   side = resnet_shapes.stem_pool_input(image_size)
