@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from dsset.ops import cpu_conv, cpu_pool
 
-# torchvision initialises ResNet convolutions with kaiming_normal_(mode='fan_out', nonlinearity='relu').
+# torchvision initialises ResNet convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 Padding = Sequence[tuple[int, int]]
