@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.data.intensity = 'ct'
   c.data.ct_window = (-1000.0, 1000.0)  # HU (low, high) mapped to [0, 1].
   c.data.mri_percentiles = (0.5, 99.5)
-  c.data.labels_csv = ''  # CSV: file name -> integer label.
+  c.data.labels_csv = ''  # CSV of name,label rows (integers or class names; docs/data-formats.md).
   c.data.masks_path = ''  # folder of voxel masks parallel to data.path.
   c.data.cache_dir = ''  # decoded-volume cache ('' = <data.path>/.dsset_cache or a temp folder).
   c.data.cache_max_gb = 20.0

@@ -41,6 +41,15 @@ def normalise(volume: np.ndarray, data_config, name: str) -> np.ndarray:
   return np.clip(out, 0.0, 1.0, out=out)
 
 
+def scale_8bit(values: np.ndarray, name: str) -> np.ndarray:
+  """8-bit display values (PNG/JPEG slices, uint8 arrays) -> float32 in [0, 1], by 1/255.
+
+  They are already windowed for display, so no policy applies.
+  """
+  del name
+  return values.astype(np.float32) / np.float32(255.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class IntensitySettings:
   """The data-config keys `normalise` reads, as plain values.
