@@ -44,9 +44,10 @@ def normalise(volume: np.ndarray, data_config, name: str) -> np.ndarray:
 def scale_8bit(values: np.ndarray, name: str) -> np.ndarray:
   """8-bit display values (PNG/JPEG slices, uint8 arrays) -> float32 in [0, 1], by 1/255.
 
-  They are already windowed for display, so no policy applies.
+  They are already windowed for display, so no policy applies; a constant scan is still an error.
   """
-  del name
+  if values.size and values.min() == values.max():
+    raise DataError(f'{name}: every voxel is {values.flat[0]}; the scan is constant')
   return values.astype(np.float32) / np.float32(255.0)
 
 

@@ -100,6 +100,7 @@ def _decoder_problem(ds, path: str) -> str:
 
 def read_header(path: str) -> _FileHeader | None:
   """Reads one file's geometry; None for files that are not DICOM images (DICOMDIR, reports)."""
+  folders.check_file(path)
   try:
     with open(path, 'rb') as f:
       ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -129,6 +130,8 @@ def read_header(path: str) -> _FileHeader | None:
                     'unknown')
   gap = (_functional(ds, 'PixelMeasuresSequence', 'SpacingBetweenSlices', 0)
          or _functional(ds, 'PixelMeasuresSequence', 'SliceThickness', 0) or 1.0)
+  if not all(np.isfinite(float(v)) and float(v) > 0 for v in spacing):
+    raise DataError(f'{path}: PixelSpacing {list(spacing)} must be positive')
   orientation = tuple(float(v) for v in orientation)
   normal = np.cross(orientation[:3], orientation[3:])
   if 'PerFrameFunctionalGroupsSequence' in ds:
@@ -211,6 +214,10 @@ def _build_series(group: tuple[str, str, str, list[_FileHeader]], labels: labels
   frames.sort(key=lambda item: float(item[0] @ normal))
   affine = _series_affine(headers, frames, f'DICOM series {scan_id}')
   shape = (headers[0].shape[1], headers[0].shape[0], len(frames))  # [column, row, slice]
+  # Refused before decoding: a damaged header can declare more pixels than memory holds.
+  if int(np.prod(shape, dtype=np.float64)) > int(data_config.max_voxels):
+    raise DataError(f'DICOM series {scan_id}: {shape} voxels are more than '
+                    f'data.max_voxels={int(data_config.max_voxels)}')
   (num_slices, _, _), _ = canonical_geometry(shape, affine, data_config.slice_axis)
   check_slice_count(num_slices, data_config, f'DICOM series {scan_id}')
   folder = scan_id.split('#')[0]

@@ -46,8 +46,9 @@ class NiftiHeader:
   num_volumes: int  # 4th dimension (1 for 3D files)
 
 
-def read_header(path: str, data_config) -> NiftiHeader:
-  """Checks and reads the header of a NIfTI file; DataError names the file for anything unusable."""
+def _load(path: str, data_config):
+  """The nibabel image of a NIfTI file whose header passed every check that needs no voxel."""
+  folders.check_file(path)
   try:
     image = nib.load(path)
     shape, affine = image.shape, image.affine
@@ -57,20 +58,43 @@ def read_header(path: str, data_config) -> NiftiHeader:
     raise DataError(f'{path}: is {len(shape)}D (shape {shape}); scans must be 3D volumes')
   if len(shape) > 4:
     raise DataError(f'{path}: has {len(shape)} dimensions (shape {shape}); expected 3D or 4D')
-  volumes = shape[3] if len(shape) == 4 else 1
-  if volumes < 1:
-    raise DataError(f'{path}: has an empty 4th dimension (shape {shape})')
-  oriented, spacing = orientation.canonical_geometry(shape[:3], affine, data_config.slice_axis)
-  return NiftiHeader(shape=oriented, spacing=spacing, num_volumes=volumes)
+  if min(shape) < 1:
+    raise DataError(f'{path}: has an empty dimension (shape {shape})')
+  # Refused before any voxel is allocated: a damaged or hostile header can declare terabytes.
+  voxels = int(np.prod(shape[:3], dtype=np.float64))
+  if voxels > int(data_config.max_voxels):
+    raise DataError(f'{path}: declares {voxels} voxels (shape {shape}), more than '
+                    f'data.max_voxels={int(data_config.max_voxels)}')
+  zooms = np.asarray(image.header.get_zooms()[:3], dtype=np.float64)
+  if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+    raise DataError(f'{path}: voxel spacing (pixdim) {tuple(zooms.tolist())} must be positive')
+  if not np.all(np.isfinite(affine)) or not abs(np.linalg.det(affine[:3, :3])) > 0:
+    raise DataError(f'{path}: the voxel-to-world affine is degenerate or not finite')
+  return image
 
 
-def _decode(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(3D array of the first volume, voxel-to-RAS affine); DataError names the file."""
+def read_header(path: str, data_config) -> NiftiHeader:
+  """Checks and reads the header of a NIfTI file; DataError names the file for anything unusable.
+
+  Refused: unreadable, empty or damaged files, 2D or 5D+ shapes, empty dimensions, more than
+  data.max_voxels voxels, zero/negative/non-finite spacing and degenerate affines.
+  """
+  image = _load(path, data_config)
+  shape = image.shape
+  oriented, spacing = orientation.canonical_geometry(shape[:3], image.affine,
+                                                     data_config.slice_axis)
+  return NiftiHeader(shape=oriented, spacing=spacing,
+                     num_volumes=shape[3] if len(shape) == 4 else 1)
+
+
+def _decode(path: str, data_config) -> tuple[np.ndarray, np.ndarray]:
+  """(float32 3D array of the first volume, voxel-to-RAS affine); DataError names the file."""
+  image = _load(path, data_config)
   try:
-    image = nib.load(path)
     proxy = image.dataobj
     array = proxy[..., 0] if len(image.shape) == 4 else proxy[...]
-    return np.asarray(array), image.affine
+    # Inside the try: RGB or complex datatypes fail here rather than later.
+    return np.asarray(array, dtype=np.float32), image.affine
   except Exception as e:  # damaged or truncated data surfaces as many exception types
     raise DataError(f'{path}: cannot decode voxels ({type(e).__name__}: {e})') from None
 
@@ -80,15 +104,14 @@ def read_volume(path: str, data_config) -> tuple[np.ndarray, tuple[float, float,
 
   The first volume of a 4D file; data.slice_axis and data.intensity apply. DataError names the file.
   """
-  array, affine = _decode(path)
-  volume, spacing = orientation.canonical_slices(array.astype(np.float32), affine,
-                                                 data_config.slice_axis)
+  array, affine = _decode(path, data_config)
+  volume, spacing = orientation.canonical_slices(array, affine, data_config.slice_axis)
   return intensity.normalise(volume, data_config, str(path)), spacing
 
 
 def read_mask(path: str, data_config) -> np.ndarray:
   """The voxel mask in a NIfTI file, oriented like read_volume (integer ids)."""
-  array, affine = _decode(path)
+  array, affine = _decode(path, data_config)
   return orientation.canonical_mask(array, affine, data_config.slice_axis)
 
 

@@ -98,6 +98,8 @@ def _build(candidate: tuple[str, str, list[str]], labels: labels_lib.Labels,
            data_config) -> SliceFolder:
   scan_id, folder, names = candidate
   check_slice_count(len(names), data_config, f'slice folder {folder}')
+  for name in names:
+    folders.check_file(os.path.join(folder, name))
   return SliceFolder(scan_id=scan_id, files=_order_slices(folder, names),
                      label=labels.label_for(scan_id, os.path.basename(scan_id)))
 

@@ -52,7 +52,8 @@ def hash_split(group: str, data_config) -> str:
   if val < 0 or test < 0 or val + test >= 1:
     raise DataError(f'config keys data.val_fraction={val} and data.test_fraction={test} must be '
                     '>= 0 and sum to less than 1')
-  digest = hashlib.sha256(group.encode('utf-8')).digest()
+  # surrogateescape: names that are not UTF-8 hash by their bytes instead of crashing the split.
+  digest = hashlib.sha256(group.encode('utf-8', 'surrogateescape')).digest()
   u = int.from_bytes(digest[:8], 'big') / 2.0**64
   if u < test:
     return 'test'
