@@ -24,6 +24,9 @@ def normalise(volume: np.ndarray, data_config, name: str) -> np.ndarray:
   if not np.all(np.isfinite(volume)):
     bad = int(np.size(volume) - np.count_nonzero(np.isfinite(volume)))
     raise DataError(f'{name}: {bad} voxels are NaN or infinite')
+  if volume.size and volume.min() == volume.max():
+    # Checked before the policy: the CT window would map a constant scan to a flat grey.
+    raise DataError(f'{name}: every voxel is {volume.flat[0]:g}; the scan is constant')
   policy = data_config.intensity
   if policy == 'ct':
     low, high = (float(v) for v in data_config.ct_window)

@@ -46,6 +46,16 @@ class NiftiHeader:
   num_volumes: int  # 4th dimension (1 for 3D files)
 
 
+def _raw_pixdim(path: str, header_class) -> np.ndarray:
+  """pixdim[1:4] as stored: nibabel's checked header silently turns 0 into 1 and -x into x."""
+  try:
+    with nib.openers.ImageOpener(path) as f:
+      header = header_class.from_fileobj(f, check=False)
+    return np.asarray(header['pixdim'][1:4], dtype=np.float64)
+  except Exception as e:  # the same damage nib.load reports, met again
+    raise DataError(f'{path}: cannot be read as NIfTI ({type(e).__name__}: {e})') from None
+
+
 def _load(path: str, data_config):
   """The nibabel image of a NIfTI file whose header passed every check that needs no voxel."""
   folders.check_file(path)
@@ -65,7 +75,7 @@ def _load(path: str, data_config):
   if voxels > int(data_config.max_voxels):
     raise DataError(f'{path}: declares {voxels} voxels (shape {shape}), more than '
                     f'data.max_voxels={int(data_config.max_voxels)}')
-  zooms = np.asarray(image.header.get_zooms()[:3], dtype=np.float64)
+  zooms = _raw_pixdim(path, type(image.header))
   if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
     raise DataError(f'{path}: voxel spacing (pixdim) {tuple(zooms.tolist())} must be positive')
   if not np.all(np.isfinite(affine)) or not abs(np.linalg.det(affine[:3, :3])) > 0:
