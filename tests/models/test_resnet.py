@@ -64,7 +64,8 @@ def small():
 
 
 @pytest.mark.parametrize('model, stage_sizes, expansion', [
-    (models.ResNet18, (2, 2, 2, 2), 1), (models.ResNet50, (3, 4, 6, 3), 4)])
+    (models.ResNet10, (1, 1, 1, 1), 1), (models.ResNet18, (2, 2, 2, 2), 1),
+    (models.ResNet50, (3, 4, 6, 3), 4)])
 @pytest.mark.parametrize('channels', [1, 3])
 def test_parameter_count_matches_torchvision(model, stage_sizes, expansion, channels):
   _, variables = abstract_init(model(), (2, 64, 64, channels))
@@ -182,7 +183,7 @@ def test_make_backbone_reads_model_config():
   assert (net.block, net.small_stem, net.width_multiplier) == (resnet.Bottleneck, True, 0.25)
   assert net.dtype == jnp.bfloat16 and net.cpu_fast_path
   assert models.feature_dim(config) == 512
-  assert set(models.BACKBONES) == {'resnet18', 'resnet50'}
+  assert set(models.BACKBONES) == {'resnet10', 'resnet18', 'resnet50'}
 
 
 def test_auto_settings_follow_the_backend():
