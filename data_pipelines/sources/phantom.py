@@ -83,31 +83,46 @@ def generate_scan(index: int, depth: int, height: int, width: int, seed: int,
   x = ((np.arange(width) - (width - 1) / 2) * (_FIELD_OF_VIEW_MM / width))[None, None, :]
   t = z / (_LENGTH_MM / 2)  # -1 (inferior) .. 1 (superior)
 
+  # Patient: attributes drawn once per scan that every slice shows (body habitus, fat layer, organ
+  # sizes and positions, scanner calibration), as real scans of different people differ. Without
+  # them, slices far apart in one scan would be no more alike than slices of two scans, and
+  # contrasting two windows of a scan (DS-SimCLR) would have nothing to learn.
+  base_width, base_depth = rng.uniform(105.0, 140.0), rng.uniform(75.0, 100.0)
+  centre_x = rng.uniform(-12.0, 12.0)
+  fat = rng.uniform(5.0, 14.0)
+  lung_size, liver_size = rng.uniform(0.8, 1.2, size=2)
+  lung_gap = rng.uniform(45.0, 65.0)
+  liver_x = rng.uniform(-50.0, -30.0)
+  spine_radius = rng.uniform(10.0, 17.0)
+  calibration = rng.uniform(-30.0, 30.0)  # HU offset of soft tissues
+  noise_hu = noise_hu * rng.uniform(0.6, 1.4)
+
   # Body outline: semi-axes that breathe smoothly along the slice axis.
   phase = rng.uniform(0, 2 * np.pi, size=2)
-  half_width = 125.0 + 12.0 * np.sin(np.pi * t + phase[0])
-  half_depth = 90.0 + 8.0 * np.sin(0.8 * np.pi * t + phase[1])
-  body = _ellipse(y, x, 0.0, 0.0, half_depth, half_width)
-  inner = _ellipse(y, x, 0.0, 0.0, half_depth - 8.0, half_width - 8.0)
+  half_width = base_width + 12.0 * np.sin(np.pi * t + phase[0])
+  half_depth = base_depth + 8.0 * np.sin(0.8 * np.pi * t + phase[1])
+  body = _ellipse(y, x, 0.0, centre_x, half_depth, half_width)
+  inner = _ellipse(y, x, 0.0, centre_x, half_depth - fat, half_width - fat)
 
   # Lungs above a diaphragm level, liver below it; both grow smoothly away from that level.
   diaphragm = rng.uniform(-0.3, 0.1)
-  lung_scale = np.sqrt(np.clip((t - diaphragm) / 0.4, 0.0, 1.0))
-  liver_scale = np.sqrt(np.clip((diaphragm + 0.25 - t) / 0.4, 0.0, 1.0))
-  lungs = (_ellipse(y, x, -10.0, -55.0, 55.0 * lung_scale, 38.0 * lung_scale)
-           | _ellipse(y, x, -10.0, 55.0, 55.0 * lung_scale, 38.0 * lung_scale))
-  liver = _ellipse(y, x, 0.0, -40.0, 50.0 * liver_scale, 65.0 * liver_scale)
-  spine = _ellipse(y, x, 60.0, 0.0, 14.0, 14.0) & np.ones_like(t, dtype=bool)
+  lung_scale = lung_size * np.sqrt(np.clip((t - diaphragm) / 0.4, 0.0, 1.0))
+  liver_scale = liver_size * np.sqrt(np.clip((diaphragm + 0.25 - t) / 0.4, 0.0, 1.0))
+  lungs = (_ellipse(y, x, -10.0, centre_x - lung_gap, 55.0 * lung_scale, 38.0 * lung_scale)
+           | _ellipse(y, x, -10.0, centre_x + lung_gap, 55.0 * lung_scale, 38.0 * lung_scale))
+  liver = _ellipse(y, x, 0.0, centre_x + liver_x, 50.0 * liver_scale, 65.0 * liver_scale)
+  spine = (_ellipse(y, x, 60.0, centre_x, spine_radius, spine_radius)
+           & np.ones_like(t, dtype=bool))
 
   obj = _object(label, rng, z, y, x, slice_mm)
 
   volume = np.full((depth, height, width), HU['air'], dtype=np.float32)
   mask = np.zeros((depth, height, width), dtype=np.uint8)
   # Painted from the outside in, so later structures overwrite earlier ones.
-  for region, hu, mask_id in ((body, HU['fat'], MASK_IDS['body']),
-                              (inner, HU['soft'], MASK_IDS['body']),
+  for region, hu, mask_id in ((body, HU['fat'] + calibration, MASK_IDS['body']),
+                              (inner, HU['soft'] + calibration, MASK_IDS['body']),
                               (lungs & inner, HU['lung'], MASK_IDS['lung']),
-                              (liver & inner, HU['liver'], MASK_IDS['liver']),
+                              (liver & inner, HU['liver'] + calibration, MASK_IDS['liver']),
                               (spine, HU['bone'], MASK_IDS['bone']),
                               (obj, HU['object'], MASK_IDS['object'])):
     volume[region] = hu
