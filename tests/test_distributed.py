@@ -141,6 +141,11 @@ def test_two_processes_match_one_and_resume(tmp_path):
   launch_two_processes(multi, 2, tmp_path / 'logs_a')
   assert sorted(os.listdir(multi / 'checkpoints' / '2' / 'data')) == [
       'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+  # The per-process data positions only fit a run of as many processes: one process refuses.
+  copy = tmp_path / 'copy'
+  shutil.copytree(multi, copy)
+  with pytest.raises(ConfigError, match='different number of processes'):
+    train.train_and_evaluate(config, str(copy))
   second = launch_two_processes(multi, 4, tmp_path / 'logs_b')
   assert 'Resuming from the checkpoint at step 2' in second.stderr
 
