@@ -11,8 +11,9 @@
 #   --num_processes=N        processes to start (default 2).
 #   --devices_per_process=D  fake CPU devices per process (XLA's host device count); default: leave
 #                            XLA_FLAGS as it is (1 device per process unless it says otherwise).
-#   --log_dir=DIR            where processes 1..N-1 write process_<i>.log (default: a new temporary
-#                            folder, printed at the start). Process 0's output goes to this terminal.
+#   --log_dir=DIR            where processes 1..N-1 write process_<i>.log (default: a new
+#                            temporary folder, printed at the start). Process 0's output goes to
+#                            this terminal.
 #   Everything after -- goes to `python -m dsset.main` in every process.
 #
 # Each process gets DSSET_COORDINATOR_ADDRESS=127.0.0.1:<free port>, DSSET_NUM_PROCESSES=N and
@@ -59,13 +60,17 @@ if [[ -n $devices_per_process && ! $devices_per_process =~ ^[1-9][0-9]*$ ]]; the
   exit 2
 fi
 if (($# == 0)); then
-  echo 'local.sh: no dsset.main arguments after -- (e.g. -- --config=configs/deepset.py --workdir=DIR)' >&2
+  echo 'local.sh: no dsset.main arguments after --' \
+    '(e.g. -- --config=configs/deepset.py --workdir=DIR)' >&2
   exit 2
 fi
 
 python="${PYTHON:-python3}"
 # Port 0 makes the kernel pick a free port; it is released at once for the coordinator to bind.
-port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+port="$("$python" -c 'import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')"
 if [[ -z $log_dir ]]; then
   log_dir="$(mktemp -d "${TMPDIR:-/tmp}/dsset_local.XXXXXX")"
 fi
@@ -79,7 +84,7 @@ if [[ -n $devices_per_process ]]; then
 fi
 
 echo "local.sh: $num_processes processes, coordinator $DSSET_COORDINATOR_ADDRESS," \
-  "logs of processes 1-$((num_processes - 1)) in $log_dir" >&2
+  "logs of processes other than 0 in $log_dir" >&2
 
 pids=()
 stop_all() {

@@ -7,7 +7,8 @@
 #                                                     (skipped with --skip_install)
 #   3. start the command on all workers               ssh --worker=all: setsid nohup, log to
 #                                                     ~/dsset_run.log on each worker
-#   4. stream worker 0's log until training ends      ssh --worker=0: tail --pid; exit with its status
+#   4. stream worker 0's log until training ends      ssh --worker=0: tail --pid; exit with the
+#                                                     job's status
 #   5. delete the slice if asked                      gcloud compute tpus tpu-vm delete (--delete)
 #
 # Usage:
@@ -114,7 +115,8 @@ fi
 if ((stop)); then
   # setsid made the job a process group led by the saved pid: end the whole group.
   # shellcheck disable=SC2016  # expanded by the worker's shell
-  on_workers all 'if [ -f ~/dsset_run.pid ]; then kill -TERM -- "-$(cat ~/dsset_run.pid)" || true; fi'
+  on_workers all \
+    'if [ -f ~/dsset_run.pid ]; then kill -TERM -- "-$(cat ~/dsset_run.pid)" || true; fi'
   exit 0
 fi
 
@@ -157,7 +159,8 @@ if ((!skip_install)); then
   ((dry_run)) && echo '# 2. install the project on every worker:'
   run git -C "$root" archive --format=tar.gz -o "$workspace/dsset.tar.gz" HEAD
   tpu scp "$workspace/dsset.tar.gz" "$name:dsset.tar.gz" "${common[@]}" --worker=all
-  on_workers all 'rm -rf ~/dsset && mkdir -p ~/dsset && tar -xzf ~/dsset.tar.gz -C ~/dsset && python3 -m pip install --quiet "jax[tpu]" -e ~/dsset'
+  on_workers all 'rm -rf ~/dsset && mkdir -p ~/dsset && tar -xzf ~/dsset.tar.gz -C ~/dsset &&'\
+' python3 -m pip install --quiet "jax[tpu]" -e ~/dsset'
 fi
 
 # 3. Start the same command on all workers, detached so that a dropped ssh session does not end it.
@@ -176,9 +179,11 @@ if ((dry_run)); then
 fi
 tpu scp "$workspace/dsset_run.sh" "$name:dsset_run.sh" "${common[@]}" --worker=all
 # shellcheck disable=SC2016  # expanded by the worker's shell
-on_workers all 'rm -f ~/dsset_run.status; setsid nohup bash ~/dsset_run.sh </dev/null >~/dsset_run.log 2>&1 & echo $! >~/dsset_run.pid'
+on_workers all 'rm -f ~/dsset_run.status;'\
+' setsid nohup bash ~/dsset_run.sh </dev/null >~/dsset_run.log 2>&1 & echo $! >~/dsset_run.pid'
 
 # 4. Follow worker 0 (process 0 writes the metrics) until its job ends; return its exit status.
 ((dry_run)) && echo "# 4. stream worker 0's log:"
 # shellcheck disable=SC2016  # expanded by the worker's shell
-on_workers 0 'tail -n +1 -F --pid="$(cat ~/dsset_run.pid)" ~/dsset_run.log; exit "$(cat ~/dsset_run.status 2>/dev/null || echo 1)"'
+on_workers 0 'tail -n +1 -F --pid="$(cat ~/dsset_run.pid)" ~/dsset_run.log;'\
+' exit "$(cat ~/dsset_run.status 2>/dev/null || echo 1)"'
