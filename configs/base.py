@@ -112,6 +112,16 @@ def get_config(arg=None):
   c.checkpoint.every_steps = 100
   c.checkpoint.max_to_keep = 3
 
+  # Multi-process runs (dsset.parallel.initialize_distributed; docs/scaling.md). 'auto' joins a
+  # cluster when the environment shows one (DSSET_COORDINATOR_ADDRESS/DSSET_NUM_PROCESSES/
+  # DSSET_PROCESS_ID, or a SLURM/Open MPI job of several tasks); 'on' always calls
+  # jax.distributed.initialize (JAX detects TPU pods, SLURM and Open MPI); 'off' never does.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = 'auto'  # 'auto' | 'on' | 'off'
+  c.distributed.coordinator_address = ''  # host:port of process 0; '' = environment / JAX.
+  c.distributed.num_processes = 0  # 0 = environment / JAX.
+  c.distributed.process_id = -1  # -1 = environment / JAX.
+
   if arg == 'paper':
     paper_settings(c)
   return c

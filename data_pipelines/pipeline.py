@@ -1,10 +1,10 @@
 """Config -> Grain pipeline -> iterator of host-local numpy batches (the batch contract).
 
 Training: records (flat slice indices for simclr, scan indices otherwise) are repeated forever in a
-new order each epoch, seeded by config.seed, turned into examples by the method's
-sampler, then every host takes every process_count-th example of that one global stream and batches
-its share. Because the sampler's randomness is drawn from the position in the global stream, the
-union of the hosts' batches is the same whatever the number of hosts, and an iterator restored from
+new order each epoch, seeded by config.seed, turned into examples by the method's sampler, then
+every host takes its own contiguous block of each global batch of that one stream. Because the
+sampler's randomness is drawn from the position in the global stream, the hosts' blocks put
+together are the same global batch whatever the number of hosts, and an iterator restored from
 get_state() gives the same next batches. Worker processes (data.num_workers) only prefetch.
 """
 
@@ -68,8 +68,11 @@ def make_train_dataset(config, *, process_index: int, process_count: int) -> gra
     dataset = dataset.random_map(sampler, seed=seed)
   else:
     dataset = dataset.map(sampler)
-  dataset = dataset[process_index::process_count]
+  # Each global batch is process_count consecutive blocks of the stream and process p takes block
+  # p, so the rows of the global array (devices ordered by process, dsset.parallel.make_mesh) are
+  # in stream order: the on-device augmentation, keyed by row, matches a one-process run.
   dataset = dataset.batch(config.train.batch_size // process_count, drop_remainder=True)
+  dataset = dataset[process_index::process_count]
   # Grain's default (16 threads, 500 batches ahead) holds gigabytes of 128 px sets in memory.
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=int(config.data.read_threads),

@@ -1,7 +1,10 @@
 """Checkpoints (Orbax), resume, and the backbone-only export used by downstream runs.
 
 One CheckpointManager saves two items per step: the training state pytree and the data iterator's
-state (JSON), so a resumed run continues with the very next batch. Orbax writes each step into a
+state, so a resumed run continues with the very next batch. Every process calls save and restore
+(Orbax coordinates the writers of one shared folder); the iterator state goes through Grain's
+handler, which writes one file per process (process_<i>-of-<n>.json) because each process iterates
+over its own block of the global batch. Orbax writes each step into a
 temporary folder and renames it when complete, so a crash mid-write leaves the previous step as the
 latest readable one.
 """
@@ -13,6 +16,7 @@ import os
 from typing import Any
 
 import flax.serialization
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -33,21 +37,35 @@ def make_manager(workdir: str, checkpoint_config) -> ocp.CheckpointManager:
                                options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any) -> None:
-  """Starts an asynchronous save; arrays are copied off the device before this returns."""
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         data_iterator: grain.DatasetIterator) -> None:
+  """Starts an asynchronous save; arrays and the iterator's position are taken before it returns.
+
+  (Grain's handler is synchronous, so Orbax records the iterator state inside this call.)
+  """
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_state),
+      data=grain.checkpoint.CheckpointSave(data_iterator),
   ))
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
-  """Restores (state, data_state) at `step` onto the shardings given in abstract_state."""
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=ocp.args.JsonRestore(),
-  ))
-  return restored['state'], restored['data']
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            data_iterator: grain.DatasetIterator) -> Any:
+  """Returns the state at `step` on the shardings of abstract_state; moves data_iterator there."""
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+    ))
+  except ValueError as e:
+    if 'process_' not in str(e):
+      raise
+    # Grain names the file of each process's position after the process count.
+    raise ConfigError(
+        f'the checkpoint at step {step} in {manager.directory} was written by a different number '
+        f'of processes than this run\'s {jax.process_count()}; resume with the same number of '
+        'processes (or start a new --workdir with --config.init_from)') from None
+  return restored['state']
 
 
 def _subtree(tree: dict, path: tuple[str, ...]) -> dict:

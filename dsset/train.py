@@ -193,6 +193,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
 
   devices: the devices to train on (default: every device of every process).
   """
+  parallel.initialize_distributed(config.distributed)
   config_validation.validate(config)
   workdir = prepare_workdir(workdir, config)
   enable_compilation_cache()
@@ -212,8 +213,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   manager = checkpointing.make_manager(workdir, config.checkpoint)
   start_step = manager.latest_step() or 0
   if start_step:
-    state, data_state = checkpointing.restore(manager, start_step, abstract)
-    train_iter.set_state(data_state)
+    state = checkpointing.restore(manager, start_step, abstract, train_iter)
   else:
     state = jax.jit(trainer.init_state, out_shardings=state_sharding)(
         jax.random.PRNGKey(config.seed))
@@ -268,7 +268,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
         reporter.write(step, last)
         window, steps_in_window, tick = [], 0, time.perf_counter()
         if is_ckpt:
-          checkpointing.save(manager, step, state, train_iter.get_state())
+          checkpointing.save(manager, step, state, train_iter)
         if stopping:
           break
     finally:
