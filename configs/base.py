@@ -109,6 +109,18 @@ def get_config(arg=None):
   c.checkpoint.every_steps = 100
   c.checkpoint.max_to_keep = 3
 
+  # Downstream evaluation of a frozen encoder (dsset.evaluate; configs/linear_eval.py, knn_eval.py).
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.kind = 'linear'  # 'linear' (logistic-regression probe) | 'knn' (weighted kNN).
+  c.evaluate.level = 'scan'  # 'scan' (mean of a scan's slice features) | 'slice' (one per slice).
+  c.evaluate.label_fraction = 1.0  # share of the labelled train scans used (stratified, seeded).
+  c.evaluate.batch_size = 64  # images per encoder call during feature extraction.
+  c.evaluate.weight_decays = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # probe L2 grid, chosen on val.
+  c.evaluate.probe_steps = 500  # full-batch Adam steps of the probe.
+  c.evaluate.probe_learning_rate = 0.05
+  c.evaluate.knn_k = 20
+  c.evaluate.knn_temperature = 0.07  # vote weight exp(cosine / T), as in InstDisc and DINO.
+
   if arg == 'paper':
     paper_settings(c)
   return c

@@ -1,0 +1,158 @@
+"""Frozen-encoder features of the evaluation splits, computed once per split.
+
+Levels (config key evaluate.level):
+  'slice': one feature per labelled slice (the scan's label on each of its slices).
+  'scan':  one feature per labelled scan, the mean of the features of all its slices. The mean (not
+           the sum the Deep Set uses in pretraining) keeps scans of different depth comparable.
+
+The encoder is the 2D backbone alone, in eval mode (BatchNorm running statistics), either loaded
+from a pretraining workdir (config key init_from) or randomly initialised from config.model with
+config.seed (the random-init baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_pipelines import pipeline
+from dsset import checkpointing
+from dsset.config_validation import ConfigError
+# The pretraining method normalises inputs with these constants; the BatchNorm running statistics
+# of a pretrained encoder were collected on inputs scaled this way, so features must use the same.
+from dsset.methods.contrastive import _INPUT_MEAN, _INPUT_STD
+from dsset.models import make_backbone
+
+LEVELS = ('slice', 'scan')
+RANDOM_INIT = 'random init'
+
+
+@dataclasses.dataclass
+class SplitFeatures:
+  """Features of one split at one level; scan_ids index the scans of that split's source."""
+
+  features: np.ndarray  # float32 [N, D]
+  labels: np.ndarray  # int32 [N]
+  scan_ids: np.ndarray  # int32 [N]
+
+
+def encoder_model_config(config) -> ml_collections.ConfigDict:
+  """The model section to build: the pretraining run's (from backbone.json) or config.model.
+
+  Runtime choices (dtype, CPU fast path) always come from this config, so a GPU-trained encoder can
+  be evaluated on a CPU and vice versa.
+  """
+  if not config.init_from:
+    return config.model
+  _, source_model = checkpointing.load_backbone(config.init_from)
+  model = ml_collections.ConfigDict(source_model)
+  model.dtype = config.model.dtype
+  model.cpu_fast_path = config.model.cpu_fast_path
+  return model
+
+
+def pretraining_method(init_from: str) -> str:
+  """The method of the pretraining run in `init_from` (its config.json), or 'random init'."""
+  if not init_from:
+    return RANDOM_INIT
+  path = os.path.join(init_from, 'config.json')
+  try:
+    with open(path) as f:
+      return str(json.load(f)['method'])
+  except (OSError, KeyError, ValueError) as e:
+    raise ConfigError(f'config key init_from={init_from!r}: cannot read the method from {path} '
+                      f'({e})') from None
+
+
+class FeatureExtractor:
+  """Jitted, batched encoder: uint8 images [N, H, W, C] -> float32 features [N, D]."""
+
+  def __init__(self, config):
+    self.model_config = encoder_model_config(config)
+    self.backbone = make_backbone(self.model_config)
+    self.batch_size = int(config.evaluate.batch_size)
+    size, channels = int(config.data.image_size), int(config.data.channels)
+    variables = self.backbone.init(jax.random.PRNGKey(config.seed),
+                                   jnp.zeros((1, size, size, channels)), train=False)
+    variables = jax.device_get(variables)
+    if config.init_from:
+      encoder, _ = checkpointing.load_backbone(config.init_from)
+      variables = checkpointing.insert_backbone(variables, encoder, (), config.init_from)
+    self.variables = variables
+    self._apply = jax.jit(self._encode)
+
+  @property
+  def num_features(self) -> int:
+    return self.backbone.num_features
+
+  def _encode(self, variables, images):
+    x = (images.astype(jnp.float32) / 255.0 - _INPUT_MEAN) / _INPUT_STD
+    return self.backbone.apply(variables, x, train=False)
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    """Encodes in fixed-size batches (the last one padded) so the encoder compiles once."""
+    out = []
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      pad = self.batch_size - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+      out.append(np.asarray(self._apply(self.variables, chunk))[:len(chunk) - pad])
+    if not out:
+      return np.zeros((0, self.num_features), np.float32)
+    return np.concatenate(out)
+
+
+def extract_split(config, extractor: FeatureExtractor, split: str, level: str) -> SplitFeatures:
+  """Features of the labelled examples of `split` at `level` ('slice' | 'scan')."""
+  if level not in LEVELS:
+    raise ConfigError(f'config key evaluate.level={level!r} is invalid: expected one of {LEVELS}')
+  images, owners, labels, scan_ids = [], [], [], []
+  for scan in pipeline.make_eval_dataset(config, split, 'scan'):
+    if scan['label'] < 0:
+      continue
+    images.append(scan['slices'])
+    owners.append(np.full(len(scan['slices']), len(labels)))
+    labels.append(int(scan['label']))
+    scan_ids.append(int(scan['scan_id']))
+  if not images:
+    return SplitFeatures(np.zeros((0, extractor.num_features), np.float32),
+                         np.zeros(0, np.int32), np.zeros(0, np.int32))
+  slice_features = extractor(np.concatenate(images))
+  owners = np.concatenate(owners)
+  labels, scan_ids = np.asarray(labels, np.int32), np.asarray(scan_ids, np.int32)
+  if level == 'slice':
+    return SplitFeatures(slice_features, labels[owners], scan_ids[owners])
+  sums = np.zeros((len(labels), slice_features.shape[1]), np.float64)
+  np.add.at(sums, owners, slice_features)
+  counts = np.bincount(owners, minlength=len(labels))[:, None]
+  return SplitFeatures((sums / counts).astype(np.float32), labels, scan_ids)
+
+
+def stratified_scan_subset(data: SplitFeatures, fraction: float, seed: int) -> SplitFeatures:
+  """Keeps a seeded, per-class `fraction` of the labelled scans (at least one scan per class).
+
+  Scans rather than slices are drawn, so at slice level a label fraction still means "this share of
+  the labelled scans" and every kept scan contributes all its slices.
+  """
+  if not 0 < fraction <= 1:
+    raise ConfigError(f'config key evaluate.label_fraction={fraction!r} is invalid: expected a '
+                      'number in (0, 1]')
+  if fraction == 1:
+    return data
+  rng = np.random.default_rng(seed)
+  scans, first = np.unique(data.scan_ids, return_index=True)
+  scan_labels = data.labels[first]
+  kept = []
+  for label in np.unique(scan_labels):
+    members = scans[scan_labels == label]
+    count = max(1, int(round(fraction * len(members))))
+    kept.append(rng.choice(members, size=count, replace=False))
+  keep = np.isin(data.scan_ids, np.concatenate(kept))
+  return SplitFeatures(data.features[keep], data.labels[keep], data.scan_ids[keep])
