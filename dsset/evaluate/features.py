@@ -109,30 +109,41 @@ class FeatureExtractor:
     return np.concatenate(out)
 
 
-def extract_split(config, extractor: FeatureExtractor, split: str, level: str) -> SplitFeatures:
-  """Features of the labelled examples of `split` at `level` ('slice' | 'scan')."""
-  if level not in LEVELS:
-    raise ConfigError(f'config key evaluate.level={level!r} is invalid: expected one of {LEVELS}')
+def extract_levels(config, extractor: FeatureExtractor, split: str,
+                   labelled_only: bool = True) -> dict[str, SplitFeatures]:
+  """Features of `split` at both levels ({'slice': ..., 'scan': ...}) from one encoder pass.
+
+  labelled_only: leave out scans whose label is -1 (kept, with label -1, when False).
+  """
   images, owners, labels, scan_ids = [], [], [], []
   for scan in pipeline.make_eval_dataset(config, split, 'scan'):
-    if scan['label'] < 0:
+    if labelled_only and scan['label'] < 0:
       continue
     images.append(scan['slices'])
     owners.append(np.full(len(scan['slices']), len(labels)))
     labels.append(int(scan['label']))
     scan_ids.append(int(scan['scan_id']))
   if not images:
-    return SplitFeatures(np.zeros((0, extractor.num_features), np.float32),
-                         np.zeros(0, np.int32), np.zeros(0, np.int32))
+    empty = SplitFeatures(np.zeros((0, extractor.num_features), np.float32),
+                          np.zeros(0, np.int32), np.zeros(0, np.int32))
+    return {level: empty for level in LEVELS}
   slice_features = extractor(np.concatenate(images))
   owners = np.concatenate(owners)
   labels, scan_ids = np.asarray(labels, np.int32), np.asarray(scan_ids, np.int32)
-  if level == 'slice':
-    return SplitFeatures(slice_features, labels[owners], scan_ids[owners])
   sums = np.zeros((len(labels), slice_features.shape[1]), np.float64)
   np.add.at(sums, owners, slice_features)
   counts = np.bincount(owners, minlength=len(labels))[:, None]
-  return SplitFeatures((sums / counts).astype(np.float32), labels, scan_ids)
+  return {
+      'slice': SplitFeatures(slice_features, labels[owners], scan_ids[owners]),
+      'scan': SplitFeatures((sums / counts).astype(np.float32), labels, scan_ids),
+  }
+
+
+def extract_split(config, extractor: FeatureExtractor, split: str, level: str) -> SplitFeatures:
+  """Features of the labelled examples of `split` at `level` ('slice' | 'scan')."""
+  if level not in LEVELS:
+    raise ConfigError(f'config key evaluate.level={level!r} is invalid: expected one of {LEVELS}')
+  return extract_levels(config, extractor, split)[level]
 
 
 def stratified_scan_subset(data: SplitFeatures, fraction: float, seed: int) -> SplitFeatures:
