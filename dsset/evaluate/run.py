@@ -66,8 +66,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   workdir = train.prepare_workdir(workdir, config)
   train.enable_compilation_cache()
   ev = config.evaluate
+  extractor = features.FeatureExtractor(config)  # first: it names a missing export clearly
   method = features.pretraining_method(config.init_from)
-  extractor = features.FeatureExtractor(config)
   data = {split: features.extract_split(config, extractor, split, ev.level)
           for split in ('train', 'val', 'test')}
   for split in ('train', 'test'):

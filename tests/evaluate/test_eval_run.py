@@ -1,0 +1,87 @@
+"""End-to-end evaluation runs on a tiny phantom with a tiny encoder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import knn_eval, linear_eval
+from dsset import checkpointing
+from dsset.config_validation import ConfigError
+from dsset.evaluate import run
+from dsset.models import make_backbone
+
+
+def tiny_eval_config(module, **evaluate):
+  c = module.get_config()
+  c.data.image_size = 32
+  c.data.phantom.num_scans = 16
+  c.data.phantom.depth = 8
+  c.data.phantom.height = 32
+  c.data.phantom.width = 32
+  c.model.backbone = 'resnet10'
+  c.model.width_multiplier = 0.125
+  c.evaluate.batch_size = 32
+  c.evaluate.probe_steps = 20
+  for key, value in evaluate.items():
+    c.evaluate[key] = value
+  return c
+
+
+def test_linear_eval_random_init_writes_results_and_plots(tmp_path):
+  result = run.evaluate(tiny_eval_config(linear_eval, label_fraction=0.5), str(tmp_path))
+  with open(tmp_path / 'eval.json') as f:
+    written = json.load(f)
+  assert written == result
+  for key in ('accuracy', 'balanced_accuracy', 'auc'):
+    assert 0 <= written[key] <= 1
+  assert written['method'] == 'random init'
+  assert (written['kind'], written['level'], written['label_fraction']) == ('linear', 'scan', 0.5)
+  assert written['weight_decay'] in tiny_eval_config(linear_eval).evaluate.weight_decays
+  # Half of the train scans, stratified: every class keeps at least one.
+  assert 0 < written['num_examples']['train'] < 16
+  for name in run.PLOT_FILES.values():
+    assert os.path.getsize(tmp_path / name) > 1000
+
+
+def _fake_pretraining_run(path, config):
+  """A workdir with a backbone export and a config.json naming the method, as dsset.main leaves."""
+  os.makedirs(path)
+  variables = make_backbone(config.model).init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 1)))
+  checkpointing.export_backbone(str(path), variables, (), config.model)
+  with open(path / 'config.json', 'w') as f:
+    json.dump({'method': 'perscan'}, f)
+
+
+def test_knn_slice_eval_loads_the_pretrained_encoder(tmp_path):
+  config = tiny_eval_config(knn_eval, level='slice')
+  _fake_pretraining_run(tmp_path / 'pretrain', config)
+  config.init_from = str(tmp_path / 'pretrain')
+  result = run.evaluate(config, str(tmp_path / 'eval'))
+  assert (result['method'], result['kind'], result['level']) == ('perscan', 'knn', 'slice')
+  # Slice level: every slice of every labelled test scan is an example.
+  assert result['num_examples']['test'] % 8 == 0 and result['num_examples']['test'] > 0
+  assert not os.path.exists(tmp_path / 'eval' / run.PLOT_FILES['curve'])  # no probe training
+
+  config.model.width_multiplier = 0.25  # ignored: the architecture comes from backbone.json
+  assert run.evaluate(config, str(tmp_path / 'eval2'))['num_features'] == result['num_features']
+
+
+def test_bad_evaluate_key_is_one_config_error(tmp_path):
+  with pytest.raises(ConfigError, match='evaluate.level'):
+    run.evaluate(tiny_eval_config(linear_eval, level='volume'), str(tmp_path))
+
+
+def test_cli_reports_a_missing_pretraining_run_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dsset.evaluate.main', '--config=configs/linear_eval.py',
+       f'--workdir={tmp_path / "eval"}', f'--config.init_from={tmp_path / "missing"}'],
+      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+          os.path.abspath(__file__)))), check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().count('\n') == 0
+  assert 'init_from' in proc.stderr and 'backbone.msgpack' in proc.stderr
