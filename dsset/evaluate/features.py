@@ -78,12 +78,18 @@ class FeatureExtractor:
     self.backbone = make_backbone(self.model_config)
     self.batch_size = int(config.evaluate.batch_size)
     size, channels = int(config.data.image_size), int(config.data.channels)
-    variables = self.backbone.init(jax.random.PRNGKey(config.seed),
-                                   jnp.zeros((1, size, size, channels)), train=False)
-    variables = jax.device_get(variables)
+    def init(rng):
+      return self.backbone.init(rng, jnp.zeros((1, size, size, channels)), train=False)
+
+    rng = jax.random.PRNGKey(config.seed)
     if config.init_from:
+      # Only the shapes are needed to check the loaded encoder against this model.
+      shapes = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(init, rng))
       encoder, _ = checkpointing.load_backbone(config.init_from)
-      variables = checkpointing.insert_backbone(variables, encoder, (), config.init_from)
+      variables = checkpointing.insert_backbone(shapes, encoder, (), config.init_from)
+    else:
+      # Jitted: one compiled program initialises far faster than op-by-op dispatch on a CPU.
+      variables = jax.device_get(jax.jit(init)(rng))
     self.variables = variables
     self._apply = jax.jit(self._encode)
 
