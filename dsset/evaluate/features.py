@@ -81,14 +81,16 @@ class FeatureExtractor:
     def init(rng):
       return self.backbone.init(rng, jnp.zeros((1, size, size, channels)), train=False)
 
-    rng = jax.random.PRNGKey(config.seed)
+    # The 'rbg' generator compiles several times faster than threefry on a CPU (the random-init
+    # baseline only needs a seeded draw from the model's initialisers, not pretraining's bits).
+    rng = jax.random.key(int(config.seed), impl='rbg')
     if config.init_from:
       # Only the shapes are needed to check the loaded encoder against this model.
       shapes = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(init, rng))
       encoder, _ = checkpointing.load_backbone(config.init_from)
       variables = checkpointing.insert_backbone(shapes, encoder, (), config.init_from)
     else:
-      # Jitted: one compiled program initialises far faster than op-by-op dispatch on a CPU.
+      # Jitted: one compiled program initialises faster than op-by-op dispatch on a CPU.
       variables = jax.device_get(jax.jit(init)(rng))
     self.variables = variables
     self._apply = jax.jit(self._encode)

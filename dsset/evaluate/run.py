@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines.sources import make_source
 from dsset import config_validation, train
 from dsset.config_validation import ConfigError
 from dsset.evaluate import features, metrics, plots, probes
@@ -76,7 +77,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
                         'scans to evaluate on')
   data['train'] = features.stratified_scan_subset(data['train'], float(ev.label_fraction),
                                                   int(config.seed))
-  num_classes = int(max(d.labels.max(initial=-1) for d in data.values())) + 1
+  # The source's class count, not the largest label seen: a class may be missing from small splits.
+  num_classes = make_source(config.data, 'train').num_classes
   scores, extra, curve = _classify(config, data, num_classes)
   test = data['test']
   result = {
