@@ -1,0 +1,1 @@
+"""Throughput benchmarks (run as scripts; see docs/performance.md)."""

@@ -38,11 +38,14 @@ def get_config(arg=None):
   c.data.intensity = 'ct'
   c.data.ct_window = (-1000.0, 1000.0)  # HU (low, high) mapped to [0, 1].
   c.data.mri_percentiles = (0.5, 99.5)
-  c.data.labels_csv = ''  # CSV: file name -> integer label.
+  c.data.labels_csv = ''  # CSV of name,label rows (integers or class names; docs/data-formats.md).
   c.data.masks_path = ''  # folder of voxel masks parallel to data.path.
   c.data.cache_dir = ''  # decoded-volume cache ('' = <data.path>/.dsset_cache or a temp folder).
   c.data.cache_max_gb = 20.0
   c.data.on_bad_scan = 'skip'  # 'skip' (warn, summarise) | 'stop'.
+  # Scans whose header declares more voxels than this are refused before anything is allocated
+  # (damaged or hostile headers can declare terabytes); 2**31 is about 8 GB as float32.
+  c.data.max_voxels = 2**31
   c.data.num_workers = 0  # Grain worker processes; 0 = in the main process.
   c.data.prefetch_buffer = 2
   c.data.read_threads = 2  # threads per process computing examples (Grain ReadOptions).

@@ -24,6 +24,9 @@ def normalise(volume: np.ndarray, data_config, name: str) -> np.ndarray:
   if not np.all(np.isfinite(volume)):
     bad = int(np.size(volume) - np.count_nonzero(np.isfinite(volume)))
     raise DataError(f'{name}: {bad} voxels are NaN or infinite')
+  if volume.size and volume.min() == volume.max():
+    # Checked before the policy: the CT window would map a constant scan to a flat grey.
+    raise DataError(f'{name}: every voxel is {volume.flat[0]:g}; the scan is constant')
   policy = data_config.intensity
   if policy == 'ct':
     low, high = (float(v) for v in data_config.ct_window)
@@ -39,6 +42,16 @@ def normalise(volume: np.ndarray, data_config, name: str) -> np.ndarray:
                     'the scan is constant or data.ct_window is degenerate')
   out = (volume - low) / (high - low)
   return np.clip(out, 0.0, 1.0, out=out)
+
+
+def scale_8bit(values: np.ndarray, name: str) -> np.ndarray:
+  """8-bit display values (PNG/JPEG slices, uint8 arrays) -> float32 in [0, 1], by 1/255.
+
+  They are already windowed for display, so no policy applies; a constant scan is still an error.
+  """
+  if values.size and values.min() == values.max():
+    raise DataError(f'{name}: every voxel is {values.flat[0]}; the scan is constant')
+  return values.astype(np.float32) / np.float32(255.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,3 +61,9 @@ def canonical_geometry(shape, affine: np.ndarray, slice_axis: str):
   ras_zooms[ras_axis] = zooms
   order, _ = _LAYOUT[slice_axis]
   return (tuple(int(ras_shape[a]) for a in order), tuple(float(ras_zooms[a]) for a in order))
+
+
+def canonical_mask(array: np.ndarray, affine: np.ndarray, slice_axis: str) -> np.ndarray:
+  """A voxel mask through canonical_slices, rounded to integer ids (uint8 when they fit)."""
+  mask, _ = canonical_slices(np.rint(array).astype(np.int32), affine, slice_axis)
+  return mask.astype(np.uint8) if mask.size and mask.min() >= 0 and mask.max() < 256 else mask

@@ -1,8 +1,8 @@
 """SimCLR augmentations for grey slices and slice sets, run on the device from PRNG keys.
 
 Everything works on fixed shapes under jit and vmap. Crop, resize and flip are one pair of small
-interpolation matrices per slice (rows, columns), applied as two matmuls; Gaussian blur is likewise a
-pair of blur matrices. The order follows SimCLR's torchvision pipeline: random resized crop,
+interpolation matrices per slice (rows, columns), applied as two matmuls; Gaussian blur is likewise
+a pair of blur matrices. The order follows SimCLR's torchvision pipeline: random resized crop,
 horizontal flip, brightness/contrast jitter, Gaussian blur. Saturation, hue and random grayscale are
 no-ops on grey images and are left out.
 

@@ -5,6 +5,7 @@ logic lives in dsset.train so tests can call it directly.
 """
 
 import re
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -25,6 +26,9 @@ def main(argv):
   except (ConfigError, DataError, train.TrainingError) as e:
     print(f'dsset: error: {e}', file=sys.stderr)
     sys.exit(1)
+  except train.Interrupted as e:
+    # The shell convention for death by a signal, so schedulers see the job did not finish.
+    sys.exit(128 + (e.signum or signal.SIGTERM))
 
 
 def load_config_or_exit():

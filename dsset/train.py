@@ -19,7 +19,7 @@ import optax
 
 from data_pipelines import pipeline
 from data_pipelines.sources import make_source
-from dsset import checkpointing, config_validation, optim, parallel
+from dsset import checkpointing, config_validation, optim, parallel, preemption
 from dsset.methods import METHODS
 from dsset.models import LinearHead
 from dsset.reporting import Reporter
@@ -47,6 +47,15 @@ def enable_compilation_cache() -> None:
 
 class TrainingError(RuntimeError):
   """Training cannot go on (non-finite loss); the message says what to change."""
+
+
+class Interrupted(Exception):
+  """Training stopped early on a signal, after saving a checkpoint at `step`."""
+
+  def __init__(self, step: int, signum: int | None):
+    super().__init__(f'stopped after step {step}')
+    self.step = step
+    self.signum = signum
 
 
 def prepare_workdir(workdir: str, config) -> str:
@@ -219,47 +228,57 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
                     out_shardings=(state_sharding, repl))
   images_per_step = _images_per_step(config)
   window: list[dict[str, jax.Array]] = []
-  last = {}
+  last: dict[str, float] = {}
   tick = time.perf_counter()
   steps_in_window = 0
-  try:
-    for step in range(start_step + 1, num_steps + 1):
-      batch = parallel.global_batch(next(train_iter), mesh)
-      state, metrics = step_fn(state, batch)
-      if step == start_step + 1:
-        # The first call compiles; keep that out of the throughput figures.
-        jax.block_until_ready(metrics)
-        reporter.message(f'Compiled and ran the first step in {time.perf_counter() - tick:.1f} s')
-        tick = time.perf_counter()
-        steps_in_window = -1
-      window.append(metrics)
-      steps_in_window += 1
-      is_log = step % config.train.log_every_steps == 0 or step == num_steps
-      is_ckpt = step % config.checkpoint.every_steps == 0 or step == num_steps
-      if not (is_log or is_ckpt):
-        continue
-      last, first_bad = _mean_metrics(window)
-      if first_bad is not None and config.train.on_nonfinite == 'stop':
-        bad_step = step - len(window) + 1 + first_bad
-        good = manager.latest_step()
-        raise TrainingError(
-            f'non-finite loss or gradients at step {bad_step}; training stopped. '
-            + (f'The last good checkpoint (step {good}) is intact. ' if good else '')
-            + 'Lower train.learning_rate, set train.grad_clip_norm, or set '
-            'train.on_nonfinite=skip to skip such steps.')
-      elapsed = time.perf_counter() - tick
-      if steps_in_window > 0:
-        last['images_per_s'] = images_per_step * steps_in_window / max(elapsed, 1e-9)
-      last['skipped_steps'] = float(jax.device_get(state['nonfinite_steps']))
-      last.pop('nonfinite')
-      reporter.write(step, last)
-      window, steps_in_window, tick = [], 0, time.perf_counter()
-      if is_ckpt:
-        checkpointing.save(manager, step, state, train_iter.get_state())
-  finally:
-    manager.wait_until_finished()
-    reporter.close()
+  step = start_step
+  with preemption.StopRequest() as stop:
+    try:
+      for step in range(start_step + 1, num_steps + 1):
+        batch = parallel.global_batch(next(train_iter), mesh)
+        state, metrics = step_fn(state, batch)
+        if step == start_step + 1:
+          # The first call compiles; keep that out of the throughput figures.
+          jax.block_until_ready(metrics)
+          reporter.message(
+              f'Compiled and ran the first step in {time.perf_counter() - tick:.1f} s')
+          tick = time.perf_counter()
+          steps_in_window = -1
+        window.append(metrics)
+        steps_in_window += 1
+        stopping = stop.requested(step, manager)
+        is_log = step % config.train.log_every_steps == 0 or step == num_steps or stopping
+        is_ckpt = step % config.checkpoint.every_steps == 0 or step == num_steps or stopping
+        if not (is_log or is_ckpt):
+          continue
+        last, first_bad = _mean_metrics(window)
+        if first_bad is not None and config.train.on_nonfinite == 'stop':
+          bad_step = step - len(window) + 1 + first_bad
+          good = manager.latest_step()
+          raise TrainingError(
+              f'non-finite loss or gradients at step {bad_step}; training stopped. '
+              + (f'The last good checkpoint (step {good}) is intact. ' if good else '')
+              + 'Lower train.learning_rate, set train.grad_clip_norm, or set '
+              'train.on_nonfinite=skip to skip such steps.')
+        elapsed = time.perf_counter() - tick
+        if steps_in_window > 0:
+          last['images_per_s'] = images_per_step * steps_in_window / max(elapsed, 1e-9)
+        last['skipped_steps'] = float(jax.device_get(state['nonfinite_steps']))
+        last.pop('nonfinite')
+        reporter.write(step, last)
+        window, steps_in_window, tick = [], 0, time.perf_counter()
+        if is_ckpt:
+          checkpointing.save(manager, step, state, train_iter.get_state())
+        if stopping:
+          break
+    finally:
+      manager.wait_until_finished()
+      reporter.close()
 
+  if step < num_steps:
+    reporter.message(f'Stopped by {stop.name} after step {step}; the checkpoint is saved. Run the '
+                     'same command again to resume.')
+    raise Interrupted(step, stop.signum)
   if is_main:
     backbone = checkpointing.export_backbone(
         workdir, {'params': state['params'], 'batch_stats': state['batch_stats']},

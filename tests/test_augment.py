@@ -121,7 +121,7 @@ def test_jitter_factors_stay_in_range():
 def test_crop_boxes_follow_scale_and_ratio():
   keys = jax.random.split(jax.random.key(0), 500)
   scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
-  boxes = jax.vmap(lambda k: augment.sample_crop_box(k, 40, 30, scale, ratio))(keys)
+  boxes = jax.jit(jax.vmap(lambda k: augment.sample_crop_box(k, 40, 30, scale, ratio)))(keys)
   top, left, height, width = np.asarray(boxes).T
   assert (top >= 0).all() and (left >= 0).all()
   assert (top + height <= 40 + 1e-4).all() and (left + width <= 30 + 1e-4).all()

@@ -14,13 +14,11 @@ import json
 import os
 
 from absl import logging
-import nibabel as nib
 import numpy as np
 
 from data_pipelines.errors import DataError
-from data_pipelines.intensity import normalise
-from data_pipelines.orientation import canonical_geometry, canonical_slices
-from data_pipelines.sources import nifti
+from data_pipelines.orientation import canonical_mask
+from data_pipelines.sources import labels, nifti
 from data_pipelines.sources.base import Scan
 from data_pipelines.sources.cached import CachedScanSource, check_slice_count, keep_usable
 
@@ -52,18 +50,10 @@ def _read_datalist(path: str) -> dict:
 
 def _dicom_series(folder: str, data_config):
   from data_pipelines.sources import dicom  # pydicom is needed only for DICOM entries
-  series = dicom.find_series(folder, data_config, {}, [])
+  series = dicom.find_series(folder, data_config, labels.Labels(), [])
   if len(series) != 1:
     raise DataError(f'{folder}: a datalist folder must hold one DICOM series, found {len(series)}')
   return series[0]
-
-
-def _read_array(path: str, data_config) -> tuple[np.ndarray, np.ndarray]:
-  """(3D array, voxel-to-RAS affine) of a NIfTI file or a one-series DICOM folder."""
-  if os.path.isdir(path):
-    from data_pipelines.sources import dicom
-    return dicom.series_array(_dicom_series(path, data_config))
-  return nifti._read_array(path)  # the NIfTI source's decoder (first volume of 4D files)
 
 
 def _num_slices(path: str, data_config) -> int:
@@ -73,14 +63,25 @@ def _num_slices(path: str, data_config) -> int:
   if not path.endswith(nifti.EXTENSIONS):
     raise DataError(f'{path}: datalist images must be NIfTI files {nifti.EXTENSIONS} or DICOM '
                     'folders')
-  try:
-    image = nib.load(path)
-  except Exception as e:  # nibabel raises many types for damaged files
-    raise DataError(f'{path}: cannot be read as NIfTI ({type(e).__name__}: {e})') from None
-  if len(image.shape) != 3:
-    raise DataError(f'{path}: has shape {image.shape}; datalist scans must be 3D')
-  shape, _ = canonical_geometry(image.shape, image.affine, data_config.slice_axis)
-  return shape[0]
+  return nifti.read_header(path, data_config).shape[0]
+
+
+def _read_volume(path: str, data_config) -> tuple[np.ndarray, tuple[float, float, float]]:
+  """(volume [D, H, W] in [0, 1], spacing) of a NIfTI file or a one-series DICOM folder."""
+  if os.path.isdir(path):
+    from data_pipelines.sources import dicom
+    scan = dicom.load_series(_dicom_series(path, data_config), data_config)
+    return scan.volume, scan.spacing
+  return nifti.read_volume(path, data_config)
+
+
+def _read_mask(path: str, data_config) -> np.ndarray:
+  """Oriented voxel mask of a NIfTI file or a one-series DICOM folder."""
+  if os.path.isdir(path):
+    from data_pipelines.sources import dicom
+    array, affine = dicom.series_array(_dicom_series(path, data_config))
+    return canonical_mask(array, affine, data_config.slice_axis)
+  return nifti.read_mask(path, data_config)
 
 
 def _build(item: tuple[str, object], base: str, data_config) -> DatalistEntry:
@@ -105,14 +106,10 @@ def _build(item: tuple[str, object], base: str, data_config) -> DatalistEntry:
 
 def load_entry(entry: DatalistEntry, data_config) -> Scan:
   """Decodes one entry (and its mask) into a Scan: canonical orientation, then data.intensity."""
-  array, affine = _read_array(entry.image, data_config)
-  volume, spacing = canonical_slices(np.asarray(array, np.float32), affine, data_config.slice_axis)
-  volume = normalise(volume, data_config, entry.image)
+  volume, spacing = _read_volume(entry.image, data_config)
   mask = None
   if entry.mask:
-    mask_array, mask_affine = _read_array(entry.mask, data_config)
-    mask, _ = canonical_slices(np.rint(mask_array).astype(np.int32), mask_affine,
-                               data_config.slice_axis)
+    mask = _read_mask(entry.mask, data_config)
     if mask.shape != volume.shape:
       raise DataError(f'{entry.mask}: mask shape {mask.shape} differs from the scan {volume.shape} '
                       'after orientation')

@@ -24,7 +24,7 @@ from data_pipelines.errors import DataError
 from data_pipelines.intensity import normalise
 from data_pipelines.orientation import canonical_geometry, canonical_slices
 from data_pipelines.sources import labels as labels_lib
-from data_pipelines.sources import splits
+from data_pipelines.sources import folders, splits
 from data_pipelines.sources.base import Scan
 from data_pipelines.sources.cached import CachedScanSource, check_slice_count, keep_usable
 
@@ -100,6 +100,7 @@ def _decoder_problem(ds, path: str) -> str:
 
 def read_header(path: str) -> _FileHeader | None:
   """Reads one file's geometry; None for files that are not DICOM images (DICOMDIR, reports)."""
+  folders.check_file(path)
   try:
     with open(path, 'rb') as f:
       ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -129,6 +130,8 @@ def read_header(path: str) -> _FileHeader | None:
                     'unknown')
   gap = (_functional(ds, 'PixelMeasuresSequence', 'SpacingBetweenSlices', 0)
          or _functional(ds, 'PixelMeasuresSequence', 'SliceThickness', 0) or 1.0)
+  if not all(np.isfinite(float(v)) and float(v) > 0 for v in spacing):
+    raise DataError(f'{path}: PixelSpacing {list(spacing)} must be positive')
   orientation = tuple(float(v) for v in orientation)
   normal = np.cross(orientation[:3], orientation[3:])
   if 'PerFrameFunctionalGroupsSequence' in ds:
@@ -200,7 +203,7 @@ def _series_affine(headers: list[_FileHeader], frames: list[tuple[np.ndarray, st
   return _LPS_TO_RAS @ lps
 
 
-def _build_series(group: tuple[str, str, str, list[_FileHeader]], labels: dict[str, int],
+def _build_series(group: tuple[str, str, str, list[_FileHeader]], labels: labels_lib.Labels,
                   data_config) -> Series:
   scan_id, uid, split_group, headers = group
   for h in headers:
@@ -211,12 +214,16 @@ def _build_series(group: tuple[str, str, str, list[_FileHeader]], labels: dict[s
   frames.sort(key=lambda item: float(item[0] @ normal))
   affine = _series_affine(headers, frames, f'DICOM series {scan_id}')
   shape = (headers[0].shape[1], headers[0].shape[0], len(frames))  # [column, row, slice]
+  # Refused before decoding: a damaged header can declare more pixels than memory holds.
+  if int(np.prod(shape, dtype=np.float64)) > int(data_config.max_voxels):
+    raise DataError(f'DICOM series {scan_id}: {shape} voxels are more than '
+                    f'data.max_voxels={int(data_config.max_voxels)}')
   (num_slices, _, _), _ = canonical_geometry(shape, affine, data_config.slice_axis)
   check_slice_count(num_slices, data_config, f'DICOM series {scan_id}')
   folder = scan_id.split('#')[0]
   return Series(scan_id=scan_id, uid=uid, frames=tuple((path, f) for _, path, f in frames),
                 affine=affine, num_slices=num_slices, group=split_group,
-                label=labels_lib.label_for(labels, scan_id, folder, uid))
+                label=labels.label_for(scan_id, folder, uid))
 
 
 def _decode_file(path: str) -> np.ndarray:
@@ -265,22 +272,15 @@ def load_series(series: Series, data_config) -> Scan:
   return Scan(volume=volume, spacing=spacing, scan_id=series.scan_id, label=series.label)
 
 
-def _files_under(root: str) -> list[str]:
-  paths = []
-  for folder, subfolders, names in os.walk(root):
-    subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
-    paths.extend(os.path.join(folder, n) for n in sorted(names) if not n.startswith('.'))
-  return paths
-
-
-def find_series(root: str, data_config, labels: dict[str, int],
+def find_series(root: str, data_config, labels: labels_lib.Labels,
                 problems: list[str]) -> list[Series]:
   """Every usable series under `root`, named by folder relative to root (plus UID if shared).
 
   Messages about skipped files and series are appended to `problems`.
   """
-  headers = [h for h in keep_usable(_files_under(root), read_header, data_config, 'DICOM files',
-                                    problems) if h is not None]
+  files = [os.path.join(folder, n) for folder, names in folders.walk(root) for n in names]
+  headers = [h for h in keep_usable(files, read_header, data_config, 'DICOM files', problems)
+             if h is not None]
   by_uid: dict[str, list[_FileHeader]] = {}
   for h in headers:
     by_uid.setdefault(h.series_uid, []).append(h)
@@ -290,7 +290,7 @@ def find_series(root: str, data_config, labels: dict[str, int],
     rel = os.path.relpath(common, root)
     folder_of[uid] = os.path.basename(os.path.abspath(root)) if rel == '.' else rel
     # The top folder (usually the patient) decides the split, so a patient's series stay together.
-    split_group_of[uid] = uid if rel == '.' else rel.split(os.sep)[0]
+    split_group_of[uid] = uid if rel == '.' else splits.group_of(rel)
   groups = []
   for uid, members in sorted(by_uid.items(), key=lambda item: (folder_of[item[0]], item[0])):
     shared = sum(1 for other in folder_of.values() if other == folder_of[uid]) > 1
@@ -305,16 +305,12 @@ def find_series(root: str, data_config, labels: dict[str, int],
 
 def make_source(data_config, split: str) -> CachedScanSource:
   """DICOM series under data.path for one split (train/val/test subfolders, else a hash split)."""
-  root, hashed = splits.split_root(data_config.path, split)
   labels = labels_lib.labels_from_config(data_config)
   problems = []
-  series = find_series(root, data_config, labels, problems)
-  if hashed:
-    series = [s for s in series if splits.hash_split(s.group, data_config) == split]
-    if not series:
-      raise DataError(f'data.path: no DICOM series of {data_config.path} fall in split {split!r} '
-                      '(see data.val_fraction / data.test_fraction)')
+  series = splits.find_in_split(
+      data_config, split, lambda root: find_series(root, data_config, labels, problems),
+      lambda s: s.group, 'DICOM series')
   return CachedScanSource(series, functools.partial(load_series, data_config=data_config),
-                          [s.num_slices for s in series], labels_lib.num_classes(labels),
+                          [s.num_slices for s in series], labels.num_classes,
                           data_config.decoded_cache_scans,
                           problems)

@@ -1,284 +1,222 @@
 """A folder tree of NIfTI scans (.nii, .nii.gz) as a random-access scan source.
 
-Layout (docs/data.md): every .nii / .nii.gz under data.path, searched recursively. If data.path has
-any of the subfolders train/, val/, test/, they are the splits (files elsewhere are ignored);
-otherwise a file's split follows from a hash of its path relative to data.path, with
-data.val_fraction and data.test_fraction, so adding files never moves existing ones between splits.
-Labels (optional) come from data.labels_csv, with a header row and columns `file` (relative path or
-bare file name) and `label` (integers, or class names numbered in sorted order). Voxel masks
-(optional) live under data.masks_path at the same relative path.
+Layout (docs/data.md): every .nii / .nii.gz under data.path, searched recursively (hidden folders
+skipped). Splits follow data_pipelines.sources.splits (train/ val/ test/ subfolders, else a stable
+hash of the top folder or file), labels data_pipelines.sources.labels (data.labels_csv). Voxel masks
+(optional) live under data.masks_path at the same path relative to data.path.
 
-Headers are checked when the source is built (no voxels are read): files that cannot be read, are
-2D, have more than 4 dimensions, or have fewer slices than one set needs are reported by name and
-skipped with a warning or raise DataError, by data.on_bad_scan. A 4D file uses its first volume (with
-a warning when it has more than one). Volumes are decoded once into a VolumeCache and then read as
-memory maps, float16 in [0, 1] (half the disk and page-cache of float32, and finer than the uint8
-the samplers emit).
+Headers are checked when the source is built (no voxels are read, see read_header); bad files are
+skipped or stop the run by data.on_bad_scan. A 4D file uses its first volume (with a warning when
+it has more than one). Volumes are decoded on first use (read_volume) into a VolumeCache and then
+read as memory maps, float16 in [0, 1] (half the disk and page cache of float32, and finer than the
+uint8 the samplers emit).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import logging
+import dataclasses
+import functools
 import os
 import pathlib
 import tempfile
-import warnings
-from collections import OrderedDict
 
+from absl import logging
 import nibabel as nib
 import numpy as np
 
 from data_pipelines import intensity, orientation
 from data_pipelines.errors import DataError
+from data_pipelines.sources import folders, splits
+from data_pipelines.sources import labels as labels_lib
 from data_pipelines.sources.base import Scan
+from data_pipelines.sources.cached import CachedScanSource, check_slice_count, keep_usable
 from data_pipelines.volume_cache import VolumeCache
 
 EXTENSIONS = ('.nii', '.nii.gz')
-SPLIT_FOLDERS = ('train', 'val', 'test')
 CACHE_FOLDER = '.dsset_cache'
 # Bumped whenever the decoded layout changes, so that old cache entries are never read.
 _CACHE_VERSION = 1
-# Memory maps kept open per process: enough for hot scans, well below the kernel's mapping limit.
-_MAX_OPEN_MAPS = 256
 
 
-def _is_nifti(path: pathlib.Path) -> bool:
-  return path.name.endswith(EXTENSIONS)
+@dataclasses.dataclass(frozen=True)
+class NiftiHeader:
+  """What a NIfTI header says about the scan after orientation (no voxel read)."""
+  shape: tuple[int, int, int]  # (slices, rows, columns) along data.slice_axis
+  spacing: tuple[float, float, float]  # mm, same axes
+  num_volumes: int  # 4th dimension (1 for 3D files)
 
 
-def _find_files(root: pathlib.Path) -> list[pathlib.Path]:
-  """Every NIfTI file under root, sorted, skipping hidden folders (the cache among them)."""
-  found = []
-  for folder, subfolders, names in os.walk(root):
-    subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
-    found.extend(pathlib.Path(folder) / n for n in sorted(names) if n.endswith(EXTENSIONS))
-  return found
-
-
-def split_of(relative_path: str, val_fraction: float, test_fraction: float) -> str:
-  """The split of a file when the folder has no split subfolders (stable hash of its path)."""
-  digest = hashlib.sha256(relative_path.encode()).hexdigest()
-  position = int(digest[:12], 16) / 16 ** 12
-  if position < test_fraction:
-    return 'test'
-  if position < test_fraction + val_fraction:
-    return 'val'
-  return 'train'
-
-
-def _files_of_split(root: pathlib.Path, split: str, data_config) -> list[pathlib.Path]:
-  if any((root / s).is_dir() for s in SPLIT_FOLDERS):
-    folder = root / split
-    return _find_files(folder) if folder.is_dir() else []
-  return [p for p in _find_files(root)
-          if split_of(p.relative_to(root).as_posix(), float(data_config.val_fraction),
-                      float(data_config.test_fraction)) == split]
-
-
-def read_labels(csv_path: str) -> tuple[dict[str, int], int]:
-  """(file key -> label, number of classes) from a `file,label` CSV; see the module docstring."""
+def _raw_pixdim(path: str, header_class) -> np.ndarray:
+  """pixdim[1:4] as stored: nibabel's checked header silently turns 0 into 1 and -x into x."""
   try:
-    with open(csv_path, newline='') as f:
-      rows = list(csv.DictReader(f))
-  except OSError as e:
-    raise DataError(f'data.labels_csv={csv_path!r} cannot be read: {e}') from e
-  if not rows or not {'file', 'label'} <= set(rows[0]):
-    raise DataError(f'{csv_path}: needs a header row with columns "file" and "label"')
-  raw = {row['file'].strip(): (row['label'] or '').strip() for row in rows}
-  try:
-    labels = {k: int(v) for k, v in raw.items()}
-  except ValueError:
-    names = sorted(set(raw.values()))
-    labels = {k: names.index(v) for k, v in raw.items()}
-  if min(labels.values()) < 0:
-    raise DataError(f'{csv_path}: labels must be >= 0 (-1 means unlabelled)')
-  return labels, max(labels.values()) + 1
+    with nib.openers.ImageOpener(path) as f:
+      header = header_class.from_fileobj(f, check=False)
+    return np.asarray(header['pixdim'][1:4], dtype=np.float64)
+  except Exception as e:  # the same damage nib.load reports, met again
+    raise DataError(f'{path}: cannot be read as NIfTI ({type(e).__name__}: {e})') from None
 
 
-class _BadScan(Exception):
-  """Why one file cannot be used (collected, then reported by data.on_bad_scan)."""
-
-
-def _inspect(path: pathlib.Path, slice_axis: str, min_slices: int):
-  """(oriented shape, spacing, number of volumes) from the header; raises _BadScan."""
+def _load(path: str, data_config):
+  """The nibabel image of a NIfTI file whose header passed every check that needs no voxel."""
+  folders.check_file(path)
   try:
     image = nib.load(path)
-    shape = image.shape
-    affine = image.affine
+    shape, affine = image.shape, image.affine
   except Exception as e:  # nibabel raises many types for damaged files; all mean "unreadable".
-    raise _BadScan(f'cannot be read as NIfTI ({type(e).__name__}: {e})') from e
+    raise DataError(f'{path}: cannot be read as NIfTI ({type(e).__name__}: {e})') from None
   if len(shape) < 3:
-    raise _BadScan(f'is {len(shape)}D (shape {shape}); scans must be 3D volumes')
+    raise DataError(f'{path}: is {len(shape)}D (shape {shape}); scans must be 3D volumes')
   if len(shape) > 4:
-    raise _BadScan(f'has {len(shape)} dimensions (shape {shape}); expected 3D or 4D')
-  volumes = shape[3] if len(shape) == 4 else 1
-  if volumes < 1:
-    raise _BadScan(f'has an empty 4th dimension (shape {shape})')
-  oriented, spacing = orientation.canonical_geometry(shape[:3], affine, slice_axis)
-  if oriented[0] < min_slices:
-    raise _BadScan(f'has {oriented[0]} {slice_axis} slices; a set needs data.set_size='
-                   f'{min_slices} (or set data.variable_set_size=True)')
-  return oriented, spacing, volumes
+    raise DataError(f'{path}: has {len(shape)} dimensions (shape {shape}); expected 3D or 4D')
+  if min(shape) < 1:
+    raise DataError(f'{path}: has an empty dimension (shape {shape})')
+  # Refused before any voxel is allocated: a damaged or hostile header can declare terabytes.
+  voxels = int(np.prod(shape[:3], dtype=np.float64))
+  if voxels > int(data_config.max_voxels):
+    raise DataError(f'{path}: declares {voxels} voxels (shape {shape}), more than '
+                    f'data.max_voxels={int(data_config.max_voxels)}')
+  zooms = _raw_pixdim(path, type(image.header))
+  if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+    raise DataError(f'{path}: voxel spacing (pixdim) {tuple(zooms.tolist())} must be positive')
+  if not np.all(np.isfinite(affine)) or not abs(np.linalg.det(affine[:3, :3])) > 0:
+    raise DataError(f'{path}: the voxel-to-world affine is degenerate or not finite')
+  return image
 
 
-def _read_array(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-  """(3D array of the first volume, affine), decoded; raises DataError naming the file."""
+def read_header(path: str, data_config) -> NiftiHeader:
+  """Checks and reads the header of a NIfTI file; DataError names the file for anything unusable.
+
+  Refused: unreadable, empty or damaged files, 2D or 5D+ shapes, empty dimensions, more than
+  data.max_voxels voxels, zero/negative/non-finite spacing and degenerate affines.
+  """
+  image = _load(path, data_config)
+  shape = image.shape
+  oriented, spacing = orientation.canonical_geometry(shape[:3], image.affine,
+                                                     data_config.slice_axis)
+  return NiftiHeader(shape=oriented, spacing=spacing,
+                     num_volumes=shape[3] if len(shape) == 4 else 1)
+
+
+def _decode(path: str, data_config) -> tuple[np.ndarray, np.ndarray]:
+  """(float32 3D array of the first volume, voxel-to-RAS affine); DataError names the file."""
+  image = _load(path, data_config)
   try:
-    image = nib.load(path)
     proxy = image.dataobj
     array = proxy[..., 0] if len(image.shape) == 4 else proxy[...]
-    return np.asarray(array), image.affine
-  except Exception as e:
-    raise DataError(f'{path}: cannot decode voxels ({type(e).__name__}: {e})') from e
+    # Inside the try: RGB or complex datatypes fail here rather than later.
+    return np.asarray(array, dtype=np.float32), image.affine
+  except Exception as e:  # damaged or truncated data surfaces as many exception types
+    raise DataError(f'{path}: cannot decode voxels ({type(e).__name__}: {e})') from None
 
 
-class NiftiSource:
-  """Scans of one split of a NIfTI folder (see the module docstring)."""
+def read_volume(path: str, data_config) -> tuple[np.ndarray, tuple[float, float, float]]:
+  """(volume float32 [D, H, W] in [0, 1], spacing) of a NIfTI file: decode, orient, normalise.
 
-  def __init__(self, data_config, split: str):
-    self._root = pathlib.Path(data_config.path or '')
-    if not data_config.path or not self._root.is_dir():
-      raise DataError(f'config key data.path={data_config.path!r} is not a folder of NIfTI scans')
-    if data_config.on_bad_scan not in ('skip', 'stop'):
-      raise DataError(f"config key data.on_bad_scan={data_config.on_bad_scan!r} is not 'skip' or "
-                      "'stop'")
-    self._slice_axis = str(data_config.slice_axis)
-    if self._slice_axis not in orientation.SLICE_AXES:
-      raise DataError(f'config key data.slice_axis={self._slice_axis!r} is not one of '
-                      f'{orientation.SLICE_AXES}')
-    self._intensity = intensity.IntensitySettings.from_config(data_config)
-    self._masks_root = pathlib.Path(data_config.masks_path) if data_config.masks_path else None
-    self._cache = VolumeCache(self._cache_dir(data_config),
-                              int(float(data_config.cache_max_gb) * 1e9))
-    labels, self._num_classes = (read_labels(data_config.labels_csv) if data_config.labels_csv
-                                 else ({}, 0))
-    min_slices = 1 if data_config.variable_set_size else int(data_config.set_size)
-
-    self._files, self._geometry, self._labels, self._masks = [], [], [], []
-    bad = []
-    for path in _files_of_split(self._root, split, data_config):
-      relative = path.relative_to(self._root).as_posix()
-      try:
-        shape, spacing, volumes = _inspect(path, self._slice_axis, min_slices)
-        mask = self._mask_file(relative, shape)
-      except _BadScan as e:
-        bad.append(f'{path}: {e}')
-        continue
-      if volumes > 1:
-        warnings.warn(f'{path}: 4D with {volumes} volumes; using the first', stacklevel=2)
-      self._files.append(path)
-      self._geometry.append((shape, spacing))
-      self._labels.append(labels.get(relative, labels.get(path.name, -1)))
-      self._masks.append(mask)
-    self._report(bad, data_config, split)
-    self._scan_ids = [p.relative_to(self._root).as_posix() for p in self._files]
-    self._volume_keys = [self._cache_key(p, 'volume') for p in self._files]
-    self._mask_keys = [m and self._cache_key(m, 'mask') for m in self._masks]
-    self._open_maps: OrderedDict = OrderedDict()
-
-  @staticmethod
-  def _cache_dir(data_config) -> pathlib.Path:
-    if data_config.cache_dir:
-      return pathlib.Path(data_config.cache_dir)
-    beside = pathlib.Path(data_config.path) / CACHE_FOLDER
-    if os.access(data_config.path, os.W_OK):
-      return beside
-    return pathlib.Path(tempfile.gettempdir()) / 'dsset_cache'
-
-  def _mask_file(self, relative: str, shape) -> pathlib.Path | None:
-    if self._masks_root is None:
-      return None
-    path = self._masks_root / relative
-    if not path.is_file():
-      return None
-    try:
-      mask_shape, _, _ = _inspect(path, self._slice_axis, 1)
-    except _BadScan as e:
-      raise _BadScan(f'its mask {path} {e}') from e
-    if mask_shape != tuple(shape):
-      raise _BadScan(f'its mask {path} has shape {mask_shape} after orientation, the scan {shape}')
-    return path
-
-  def _report(self, bad: list[str], data_config, split: str) -> None:
-    if bad and data_config.on_bad_scan == 'stop':
-      raise DataError(f'{len(bad)} unusable NIfTI file(s) (data.on_bad_scan=stop):\n  '
-                      + '\n  '.join(bad))
-    for line in bad:
-      warnings.warn(f'skipping {line}', stacklevel=3)
-    if bad:
-      logging.warning('NIfTI %s split: skipped %d of %d files (data.on_bad_scan=skip)', split,
-                      len(bad), len(bad) + len(self._files))
-    if not self._files and (bad or split == 'train'):
-      raise DataError(f'no usable NIfTI scans for split {split!r} under data.path='
-                      f'{str(self._root)!r}')
-
-  def __getstate__(self):
-    # Memory maps are per process: workers open their own.
-    state = self.__dict__.copy()
-    state['_open_maps'] = OrderedDict()
-    return state
-
-  @property
-  def num_classes(self) -> int:
-    return self._num_classes
-
-  @property
-  def slice_counts(self) -> np.ndarray:
-    return np.array([shape[0] for shape, _ in self._geometry], dtype=np.int64)
-
-  @property
-  def files(self) -> list[pathlib.Path]:
-    return list(self._files)
-
-  def __len__(self) -> int:
-    return len(self._files)
-
-  def __getitem__(self, index: int) -> Scan:
-    path, mask_path = self._files[index], self._masks[index]
-    return Scan(volume=self._mapped(path, self._volume_keys[index], self._decode_volume),
-                spacing=self._geometry[index][1], scan_id=self._scan_ids[index],
-                label=self._labels[index],
-                mask=None if mask_path is None else self._mapped(mask_path, self._mask_keys[index],
-                                                                 self._decode_mask))
-
-  def _cache_key(self, path: pathlib.Path, kind: str) -> tuple[str, ...]:
-    """Everything that determines a decoded array: the file's identity and the decoding settings.
-
-    Taken once when the source is built: a file replaced during a run is read as it was then.
-    """
-    stat = path.stat()
-    key = [_CACHE_VERSION, kind, str(path.resolve()), stat.st_size, stat.st_mtime_ns,
-           self._slice_axis]
-    if kind == 'volume':
-      key.append([self._intensity.intensity, self._intensity.ct_window,
-                  self._intensity.mri_percentiles])
-    return tuple(map(str, key))
-
-  def _mapped(self, path: pathlib.Path, key: tuple[str, ...], decode) -> np.ndarray:
-    """The decoded array of a file as a memory map, decoding it on a cache miss."""
-    if key in self._open_maps:
-      self._open_maps.move_to_end(key)
-      return self._open_maps[key]
-    array = self._cache.load(key, lambda: decode(path))
-    self._open_maps[key] = array
-    if len(self._open_maps) > _MAX_OPEN_MAPS:
-      self._open_maps.popitem(last=False)
-    return array
-
-  def _decode_volume(self, path: pathlib.Path) -> np.ndarray:
-    array, affine = _read_array(path)
-    volume, _ = orientation.canonical_slices(array, affine, self._slice_axis)
-    return intensity.normalise(volume, self._intensity, str(path)).astype(np.float16)
-
-  def _decode_mask(self, path: pathlib.Path) -> np.ndarray:
-    array, affine = _read_array(path)
-    mask, _ = orientation.canonical_slices(np.rint(array).astype(np.int32), affine,
-                                           self._slice_axis)
-    return mask.astype(np.uint8) if mask.min() >= 0 and mask.max() < 256 else mask
+  The first volume of a 4D file; data.slice_axis and data.intensity apply. DataError names the file.
+  """
+  array, affine = _decode(path, data_config)
+  volume, spacing = orientation.canonical_slices(array, affine, data_config.slice_axis)
+  return intensity.normalise(volume, data_config, str(path)), spacing
 
 
-def make_source(data_config, split: str) -> NiftiSource:
-  """The NIfTI scans of `split` under data_config.path."""
-  return NiftiSource(data_config, split)
+def read_mask(path: str, data_config) -> np.ndarray:
+  """The voxel mask in a NIfTI file, oriented like read_volume (integer ids)."""
+  array, affine = _decode(path, data_config)
+  return orientation.canonical_mask(array, affine, data_config.slice_axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class NiftiEntry:
+  """One usable file of the split, as found when the source was built."""
+  path: str
+  scan_id: str  # path relative to the split folder
+  spacing: tuple[float, float, float]
+  num_slices: int
+  label: int
+  mask: str | None
+  # Cache keys, taken once when the source is built: a file replaced during a run is read as it was.
+  volume_key: tuple[str, ...]
+  mask_key: tuple[str, ...] | None
+
+
+def _cache_key(path: str, kind: str, data_config) -> tuple[str, ...]:
+  """Everything that determines a decoded array: the file's identity and the decoding settings."""
+  stat = os.stat(path)
+  key = [_CACHE_VERSION, kind, str(pathlib.Path(path).resolve()), stat.st_size, stat.st_mtime_ns,
+         data_config.slice_axis]
+  if kind == 'volume':
+    settings = intensity.IntensitySettings.from_config(data_config)
+    key.append([settings.intensity, settings.ct_window, settings.mri_percentiles])
+  return tuple(map(str, key))
+
+
+def _cache_dir(data_config) -> str:
+  if data_config.cache_dir:
+    return data_config.cache_dir
+  if os.access(data_config.path, os.W_OK):
+    return os.path.join(data_config.path, CACHE_FOLDER)
+  return os.path.join(tempfile.gettempdir(), 'dsset_cache')
+
+
+def _mask_of(path: str, header: NiftiHeader, data_config) -> str | None:
+  """The mask file parallel to `path` under data.masks_path, checked against the scan's shape."""
+  if not data_config.masks_path:
+    return None
+  mask = os.path.join(data_config.masks_path, os.path.relpath(path, data_config.path))
+  if not os.path.isfile(mask):
+    return None
+  try:
+    mask_shape = read_header(mask, data_config).shape
+  except DataError as e:
+    raise DataError(f'{path}: its mask is unusable: {e}') from None
+  if mask_shape != header.shape:
+    raise DataError(f'{path}: its mask {mask} has shape {mask_shape} after orientation, the scan '
+                    f'{header.shape}')
+  return mask
+
+
+def _build(candidate: tuple[str, str], labels: labels_lib.Labels, data_config) -> NiftiEntry:
+  path, scan_id = candidate
+  header = read_header(path, data_config)
+  check_slice_count(header.shape[0], data_config, path)
+  if header.num_volumes > 1:
+    logging.warning('%s: 4D with %d volumes; using the first', path, header.num_volumes)
+  mask = _mask_of(path, header, data_config)
+  return NiftiEntry(
+      path=path, scan_id=scan_id, spacing=header.spacing, num_slices=header.shape[0],
+      label=labels.label_for(scan_id, os.path.basename(scan_id)), mask=mask,
+      volume_key=_cache_key(path, 'volume', data_config),
+      mask_key=None if mask is None else _cache_key(mask, 'mask', data_config))
+
+
+def load_entry(entry: NiftiEntry, cache: VolumeCache, data_config) -> Scan:
+  """The entry's scan: volume (and mask) as read-only memory maps, decoded on a cache miss."""
+  volume = cache.load(entry.volume_key,
+                      lambda: read_volume(entry.path, data_config)[0].astype(np.float16))
+  mask = None
+  if entry.mask is not None:
+    mask = cache.load(entry.mask_key, lambda: read_mask(entry.mask, data_config))
+  return Scan(volume=volume, spacing=entry.spacing, scan_id=entry.scan_id, label=entry.label,
+              mask=mask)
+
+
+def find_files(root: str) -> list[tuple[str, str]]:
+  """(path, path relative to root) of every NIfTI file under root, sorted."""
+  return [(os.path.join(folder, name), os.path.relpath(os.path.join(folder, name), root))
+          for folder, names in folders.walk(root) for name in names if name.endswith(EXTENSIONS)]
+
+
+def make_source(data_config, split: str) -> CachedScanSource:
+  """The NIfTI scans of `split` under data.path."""
+  labels = labels_lib.labels_from_config(data_config)
+  candidates = splits.find_in_split(data_config, split, find_files,
+                                    lambda c: splits.group_of(c[1]), f'NIfTI files {EXTENSIONS}')
+  problems = []
+  build = functools.partial(_build, labels=labels, data_config=data_config)
+  entries = keep_usable(candidates, build, data_config, f'NIfTI files for split {split!r}',
+                        problems)
+  cache = VolumeCache(_cache_dir(data_config), int(float(data_config.cache_max_gb) * 1e9))
+  return CachedScanSource(entries, functools.partial(load_entry, cache=cache,
+                                                     data_config=data_config),
+                          [e.num_slices for e in entries], labels.num_classes,
+                          data_config.decoded_cache_scans, problems)

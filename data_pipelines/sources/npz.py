@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 
 from data_pipelines.errors import DataError
-from data_pipelines.intensity import normalise
+from data_pipelines.intensity import normalise, scale_8bit
 from data_pipelines.sources.base import Scan
 from data_pipelines.sources.cached import check_slice_count
 
@@ -107,7 +107,7 @@ class NpzSource:
     scan_id = f'{self._stem}-{self._split}-{index}'
     values = self._images[index]
     if self._eight_bit:
-      volume = values.astype(np.float32) / np.float32(255.0)
+      volume = scale_8bit(values, f'{self._path} {self._images_key}[{index}]')
     else:
       volume = normalise(values, self._data_config, f'{self._path} {self._images_key}[{index}]')
     spacing = tuple(float(v) for v in self._data_config.default_spacing)

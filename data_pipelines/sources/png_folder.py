@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.errors import DataError
-from data_pipelines.intensity import normalise
+from data_pipelines.intensity import normalise, scale_8bit
 from data_pipelines.sources import labels as labels_lib
-from data_pipelines.sources import splits
+from data_pipelines.sources import folders, splits
 from data_pipelines.sources.base import Scan
 from data_pipelines.sources.cached import CachedScanSource, check_slice_count, keep_usable
 
@@ -75,7 +75,7 @@ def load_slice_folder(folder: SliceFolder, data_config) -> Scan:
                       f'{slices[0].shape}')
   values = np.stack(slices)
   if values.dtype == np.uint8:
-    volume = values.astype(np.float32) / np.float32(255.0)
+    volume = scale_8bit(values, f'slice folder {folder.scan_id}')
   else:
     volume = normalise(values, data_config, f'slice folder {folder.scan_id}')
   spacing = tuple(float(v) for v in data_config.default_spacing)
@@ -85,10 +85,8 @@ def load_slice_folder(folder: SliceFolder, data_config) -> Scan:
 def find_slice_folders(root: str) -> list[tuple[str, str, list[str]]]:
   """(scan_id, folder, image file names) for every folder under root that holds image files."""
   found = []
-  for folder, subfolders, names in os.walk(root):
-    subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
-    images = [n for n in names
-              if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith('.')]
+  for folder, names in folders.walk(root):
+    images = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
     if images:
       rel = os.path.relpath(folder, root)
       scan_id = os.path.basename(os.path.abspath(root)) if rel == '.' else rel
@@ -96,31 +94,26 @@ def find_slice_folders(root: str) -> list[tuple[str, str, list[str]]]:
   return found
 
 
-def _build(candidate: tuple[str, str, list[str]], labels: dict[str, int],
+def _build(candidate: tuple[str, str, list[str]], labels: labels_lib.Labels,
            data_config) -> SliceFolder:
   scan_id, folder, names = candidate
   check_slice_count(len(names), data_config, f'slice folder {folder}')
+  for name in names:
+    folders.check_file(os.path.join(folder, name))
   return SliceFolder(scan_id=scan_id, files=_order_slices(folder, names),
-                     label=labels_lib.label_for(labels, scan_id, os.path.basename(scan_id)))
+                     label=labels.label_for(scan_id, os.path.basename(scan_id)))
 
 
 def make_source(data_config, split: str) -> CachedScanSource:
   """Slice folders under data.path for one split (train/val/test subfolders, else a hash split)."""
-  root, hashed = splits.split_root(data_config.path, split)
   labels = labels_lib.labels_from_config(data_config)
-  candidates = find_slice_folders(root)
-  if hashed:
-    # The top folder decides, so nested scans of one patient stay in one split.
-    candidates = [c for c in candidates
-                  if splits.hash_split(c[0].split(os.sep)[0], data_config) == split]
-  if not candidates:
-    raise DataError(f'data.path: no folders of {IMAGE_SUFFIXES} slices in {root} for split '
-                    f'{split!r}')
+  candidates = splits.find_in_split(data_config, split, find_slice_folders,
+                                    lambda c: splits.group_of(c[0]),
+                                    f'folders of {IMAGE_SUFFIXES} slices')
   problems = []
   build = functools.partial(_build, labels=labels, data_config=data_config)
-  folders = keep_usable(candidates, build, data_config,
-                        'slice folders', problems)
-  return CachedScanSource(folders, functools.partial(load_slice_folder, data_config=data_config),
-                          [len(f.files) for f in folders], labels_lib.num_classes(labels),
+  scans = keep_usable(candidates, build, data_config, 'slice folders', problems)
+  return CachedScanSource(scans, functools.partial(load_slice_folder, data_config=data_config),
+                          [len(f.files) for f in scans], labels.num_classes,
                           data_config.decoded_cache_scans,
                           problems)

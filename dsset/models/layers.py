@@ -2,8 +2,7 @@
 
 Every convolution of the ResNets goes through `Conv` and every max-pool through `max_pool`, so that
 backend-specific rewrites of these ops (for XLA:CPU, see notes/cpu-performance.md) can be switched
-on in one spot with the `fast` flag without touching the network definitions. Today both settings of
-`fast` run the plain XLA ops.
+on in one spot with the `fast` flag without touching the network definitions.
 """
 
 from typing import Any, Sequence
@@ -12,7 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# torchvision initialises ResNet convolutions with kaiming_normal_(mode='fan_out', nonlinearity='relu').
+from dsset.ops import cpu_conv, cpu_pool
+
+# torchvision initialises ResNet convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 Padding = Sequence[tuple[int, int]]
@@ -30,7 +31,8 @@ class Conv(nn.Module):
     use_bias: add a learned bias (ResNets do not: a BatchNorm follows every conv).
     dtype: compute dtype; inputs and kernel are cast to it.
     param_dtype: storage dtype of the parameters.
-    fast: allow CPU-specific rewrites of this op; currently the plain XLA convolution either way.
+    fast: compute convs whose output map is smaller than the kernel as one matmul
+      (dsset.ops.cpu_conv).
   """
   features: int
   kernel_size: tuple[int, int]
@@ -45,9 +47,14 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', kaiming_fan_out,
                         (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), window_strides=self.strides,
-        padding=tuple(self.padding), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.fast and cpu_conv.output_smaller_than_kernel(
+        x.shape[1:3], self.kernel_size, self.strides, self.padding):
+      y = cpu_conv.conv_as_matmul(x, kernel, self.strides, self.padding)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=self.strides, padding=tuple(self.padding),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
@@ -58,9 +65,10 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], pa
              fast: bool = False) -> jax.Array:
   """Max-pool over the spatial axes of NHWC `x`; padded positions never win (-inf).
 
-  `fast` allows a CPU-specific rewrite; currently the plain XLA reduce_window either way.
+  `fast` keeps this forward but computes the gradient with masks (dsset.ops.cpu_pool).
   """
-  del fast  # Both settings share the plain op until a CPU rewrite exists.
+  if fast:
+    return cpu_pool.max_pool(x, window, strides, padding)
   return jax.lax.reduce_window(
       x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1),
       ((0, 0), *padding, (0, 0)))

@@ -78,7 +78,7 @@ class ResNet(nn.Module):
   Attributes:
     stage_sizes: blocks per stage.
     block: BasicBlock or Bottleneck.
-    small_stem: 3x3/1 stem conv without max-pool (for 28-64 px inputs) instead of 7x7/2 + 3x3/2 pool.
+    small_stem: 3x3/1 stem conv and no max-pool (for 28-64 px inputs) instead of 7x7/2 + 3x3/2 pool.
     width_multiplier: scales every layer's width (64, 128, 256, 512 base widths).
     dtype: compute dtype; parameters and returned features stay float32.
     cpu_fast_path: route convs and pools through their CPU rewrites in `layers`.
@@ -161,7 +161,8 @@ def make_backbone(model_config: ml_collections.ConfigDict) -> ResNet:
     raise ValueError(f'model.backbone must be one of {sorted(BACKBONES)}, '
                      f'got {model_config.backbone!r}')
   if not model_config.width_multiplier > 0:
-    raise ValueError(f'model.width_multiplier must be positive, got {model_config.width_multiplier}')
+    raise ValueError(
+        f'model.width_multiplier must be positive, got {model_config.width_multiplier}')
   return BACKBONES[model_config.backbone](
       small_stem=model_config.small_stem, width_multiplier=model_config.width_multiplier,
       dtype=resolve_dtype(model_config.dtype),

@@ -1,7 +1,8 @@
-"""NIfTI source: round trips with files written here, orientation, cache, bad files, labels, masks."""
+"""NIfTI source: round trips with files written here, orientation, cache, bad files, labels,
+masks."""
 
+import logging
 import os
-import warnings
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from configs import base
 from data_pipelines import intensity, orientation
 from data_pipelines.errors import DataError
-from data_pipelines.sources import nifti
+from data_pipelines.sources import nifti, splits
 
 # A non-canonical affine: array axes are (A->P, S->I, L->R) with 1 x 2 x 3 mm voxels.
 SHUFFLED_AFFINE = np.array([[0., 0., 3., 0.], [-1., 0., 0., 0.], [0., -2., 0., 0.], [0, 0, 0, 1]])
@@ -74,10 +75,10 @@ def test_second_source_reads_the_cache_not_the_file(tmp_path, monkeypatch):
   entries = os.listdir(tmp_path / 'cache')
   assert len(entries) == 1 and entries[0].endswith('.npy')  # no temporary left behind
 
-  def no_decoding(path):
+  def no_decoding(path, data_config):
     raise AssertionError(f'decoded {path} again')
 
-  monkeypatch.setattr(nifti, '_read_array', no_decoding)
+  monkeypatch.setattr(nifti, 'read_volume', no_decoding)
   again = nifti.make_source(config, 'train')[0].volume
   assert isinstance(again, np.memmap)
   np.testing.assert_array_equal(first, again)
@@ -113,39 +114,37 @@ def test_cache_evicts_least_recently_opened_beyond_its_cap(tmp_path):
   assert {p.name for p in cache.glob('*.npy')} == left  # scan 0 was still cached
 
 
-def test_4d_uses_the_first_volume_with_a_warning(tmp_path):
+def test_4d_uses_the_first_volume_with_a_warning(tmp_path, caplog):
   array = hu_volume((5, 6, 7, 3))
   save(tmp_path / 'four.nii.gz', array)
-  with pytest.warns(UserWarning, match='four.nii.gz: 4D with 3 volumes'):
-    source = nifti.make_source(data_config(tmp_path), 'train')
+  source = nifti.make_source(data_config(tmp_path), 'train')
+  assert 'four.nii.gz: 4D with 3 volumes' in caplog.text
   config = data_config(tmp_path)
   np.testing.assert_allclose(source[0].volume,
                              expected_slices(array[..., 0], SHUFFLED_AFFINE, config), atol=1e-3)
 
 
-def test_bad_files_are_named_and_skipped_or_stop(tmp_path):
+def test_bad_files_are_named_and_skipped_or_stop(tmp_path, caplog):
   save(tmp_path / 'good.nii.gz', hu_volume((5, 6, 7)))
   save(tmp_path / 'flat.nii', hu_volume((6, 7)))
   (tmp_path / 'broken.nii.gz').write_bytes(b'not a nifti file')
   save(tmp_path / 'thin.nii', hu_volume((9, 9, 2)), np.eye(4))  # 2 axial slices < set_size 3
-  with pytest.warns(UserWarning) as caught:
-    source = nifti.make_source(data_config(tmp_path, on_bad_scan='skip'), 'train')
-  messages = ' '.join(str(w.message) for w in caught)
+  caplog.set_level(logging.WARNING)
+  source = nifti.make_source(data_config(tmp_path, on_bad_scan='skip'), 'train')
+  messages = ' '.join(source.skipped)
   assert 'flat.nii: is 2D' in messages and 'broken.nii.gz: cannot be read' in messages
   assert 'thin.nii: has 2 axial slices' in messages
-  assert [p.name for p in source.files] == ['good.nii.gz']
-  with pytest.raises(DataError, match='3 unusable') as error:
+  assert '3 of 4 NIfTI files' in caplog.text  # the summary line
+  assert [os.path.basename(e.path) for e in source.entries] == ['good.nii.gz']
+  with pytest.raises(DataError, match='broken.nii.gz: cannot be read'):  # the first bad file
     nifti.make_source(data_config(tmp_path, on_bad_scan='stop'), 'train')
-  assert 'flat.nii' in str(error.value) and 'broken.nii.gz' in str(error.value)
   # With padded sets a 2-slice scan is usable.
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore')
-    assert len(nifti.make_source(data_config(tmp_path, variable_set_size=True), 'train')) == 2
+  assert len(nifti.make_source(data_config(tmp_path, variable_set_size=True), 'train')) == 2
 
 
 def test_nothing_usable_names_data_path(tmp_path):
   save(tmp_path / 'flat.nii', hu_volume((6, 7)))
-  with pytest.warns(UserWarning), pytest.raises(DataError, match=str(tmp_path)):
+  with pytest.raises(DataError, match=str(tmp_path)):
     nifti.make_source(data_config(tmp_path), 'train')
   with pytest.raises(DataError, match='data.path'):
     nifti.make_source(data_config(tmp_path / 'missing'), 'train')
@@ -172,13 +171,15 @@ def test_splits_by_subfolder_or_by_hash(tmp_path):
   for split in ('train', 'val'):
     save(tmp_path / 'by_folder' / split / f'{split}.nii', hu_volume((4, 4, 4)))
   config = data_config(tmp_path / 'by_folder')
-  assert [p.name for p in nifti.make_source(config, 'val').files] == ['val.nii']
-  assert len(nifti.make_source(config, 'test')) == 0
+  assert [e.scan_id for e in nifti.make_source(config, 'val').entries] == ['val.nii']
+  with pytest.raises(DataError, match='test/'):
+    nifti.make_source(config, 'test')
   names = [f'case{i:03d}.nii' for i in range(40)]
   for name in names:
     save(tmp_path / 'flat' / name, hu_volume((4, 4, 4)))
   config = data_config(tmp_path / 'flat', val_fraction=0.25, test_fraction=0.25)
-  found = {s: [p.name for p in nifti.make_source(config, s).files] for s in nifti.SPLIT_FOLDERS}
+  found = {s: [e.scan_id for e in nifti.make_source(config, s).entries]
+           for s in splits.SPLIT_FOLDERS}
   assert sorted(sum(found.values(), [])) == names
   assert all(found.values())
-  assert all(nifti.split_of(n, 0.25, 0.25) == s for s, ns in found.items() for n in ns)
+  assert all(splits.hash_split(n, config) == s for s, ns in found.items() for n in ns)

@@ -62,7 +62,8 @@ def test_float_volumes_use_the_intensity_policy(tmp_path):
 
 
 def test_missing_split_wrong_shape_and_bad_labels_are_named(tmp_path):
-  np.savez(tmp_path / 'only_train.npz', train_images=np.zeros((2, 4, 8, 8), np.uint8))
+  np.savez(tmp_path / 'only_train.npz',
+           train_images=np.arange(512).astype(np.uint8).reshape(2, 4, 8, 8))
   with pytest.raises(DataError, match=r"only_train.npz.*'val_images'"):
     make_source(_config(tmp_path / 'only_train.npz'), 'val')
   assert make_source(_config(tmp_path / 'only_train.npz'), 'train')[0].label == -1

@@ -71,8 +71,10 @@ def test_npz_and_png_prepared_without_resampling_are_voxel_exact(tmp_path):
 
 def test_resume_skips_done_scans_and_bad_scans_are_summarised(tmp_path, monkeypatch):
   for p in range(4):
-    ff.write_png_folder(tmp_path / 'in' / 'train' / f's{p}',
-                        np.full((4, 8, 8), 10 * (p + 1), np.uint8), order_seed=p)
+    # Scan p: slice k is all 10 * (p + 1) + k (scans must not be constant).
+    volume = 10 * (p + 1) + np.arange(4, dtype=np.uint8)[:, None, None] + np.zeros((4, 8, 8),
+                                                                                   np.uint8)
+    ff.write_png_folder(tmp_path / 'in' / 'train' / f's{p}', volume, order_seed=p)
   ff.truncate(str(tmp_path / 'in' / 'train' / 's2' / 'slice-1.png'), 0.5)
   config = _config('png', tmp_path / 'in')
   calls = []

@@ -1,0 +1,64 @@
+"""Whole ResNets with the CPU fast path on compute what they compute with it off."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsset import models
+
+# Relative L2 distance (gradients: per parameter leaf). The rewritten ops match the plain ones to
+# ~1e-6 (tests/ops), but BatchNorm over a batch of 4 at 1x1-2x2 maps divides by tiny variances and
+# amplifies those rounding differences through the network: measured here up to 4e-6 on the
+# features and 5e-5 on the worst gradient leaf (32 px). The tolerances leave a 20x margin.
+OUTPUT_TOLERANCE = 1e-4
+GRADIENT_TOLERANCE = 1e-3
+
+
+def _relative_l2(a, b):
+  return float(jnp.linalg.norm((a - b).ravel()) / jnp.maximum(jnp.linalg.norm(b.ravel()), 1e-30))
+
+
+def _forward_and_grads(backbone, variables, images, weights):
+  def loss(params):
+    features, _ = backbone.apply({**variables, 'params': params}, images, train=True,
+                                 mutable=['batch_stats'])
+    return jnp.sum(features * weights), features
+  (_, features), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+  return features, grads
+
+
+def _check(name, image_size):
+  images = jax.random.uniform(jax.random.key(0), (4, image_size, image_size, 1))
+  plain, fast = (models.BACKBONES[name](cpu_fast_path=flag) for flag in (False, True))
+  variables = plain.init(jax.random.key(1), images)
+  weights = jax.random.normal(jax.random.key(2), (4, plain.num_features))
+  features_plain, grads_plain = _forward_and_grads(plain, variables, images, weights)
+  features_fast, grads_fast = _forward_and_grads(fast, variables, images, weights)
+  assert _relative_l2(features_fast, features_plain) < OUTPUT_TOLERANCE
+  errors = jax.tree.map(_relative_l2, grads_fast, grads_plain)
+  worst = max(jax.tree.leaves(errors))
+  assert worst < GRADIENT_TOLERANCE, errors
+
+
+@pytest.mark.parametrize('image_size', [32, pytest.param(64, marks=pytest.mark.slow)])
+def test_resnet18_fast_path_matches_plain(image_size):
+  _check('resnet18', image_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('image_size', [32, 64, 128])
+def test_resnet50_fast_path_matches_plain(image_size):
+  _check('resnet50', image_size)
+
+
+@pytest.mark.parametrize('fast,expected_convs', [(False, 20), (True, 16)])
+def test_fast_path_replaces_the_small_map_convs(fast, expected_convs):
+  # ResNet-18 at 64 px has 20 convs; the four 3x3 convs with 2x2 outputs (layer 4) are rewritten.
+  backbone = models.ResNet18(cpu_fast_path=fast)
+  images = jnp.zeros((2, 64, 64, 1))
+  variables = jax.eval_shape(backbone.init, jax.random.key(0), images)
+  variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
+  text = jax.jit(lambda: backbone.apply(variables, images)).lower().as_text()
+  assert text.count('stablehlo.convolution') == expected_convs
+  assert ('custom_vjp' in str(jax.make_jaxpr(lambda: backbone.apply(variables, images))())) == fast
