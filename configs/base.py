@@ -112,9 +112,10 @@ def get_config(arg=None):
   c.checkpoint.every_steps = 100
   c.checkpoint.max_to_keep = 3
 
-  # Downstream evaluation of a frozen encoder (dsset.evaluate; configs/linear_eval.py, knn_eval.py).
+  # Downstream evaluation (dsset.evaluate; configs/linear_eval.py, knn_eval.py, finetune.py).
   c.evaluate = ml_collections.ConfigDict()
-  c.evaluate.kind = 'linear'  # 'linear' (logistic-regression probe) | 'knn' (weighted kNN).
+  # 'linear' (logistic-regression probe) | 'knn' (weighted kNN) | 'finetune' (end to end).
+  c.evaluate.kind = 'linear'
   c.evaluate.level = 'scan'  # 'scan' (mean of a scan's slice features) | 'slice' (one per slice).
   c.evaluate.label_fraction = 1.0  # share of the labelled train scans used (stratified, seeded).
   c.evaluate.batch_size = 64  # images per encoder call during feature extraction.
@@ -123,6 +124,12 @@ def get_config(arg=None):
   c.evaluate.probe_learning_rate = 0.05
   c.evaluate.knn_k = 20
   c.evaluate.knn_temperature = 0.07  # vote weight exp(cosine / T), as in InstDisc and DINO.
+  # kind 'finetune' (configs/finetune.py): encoder + linear head trained end to end (AdamW).
+  c.evaluate.finetune_steps = 200
+  # Per step: scans (level 'scan', K = data.set_size slices each) or slices (level 'slice').
+  c.evaluate.finetune_batch_size = 16
+  c.evaluate.finetune_learning_rate = 1e-4
+  c.evaluate.finetune_weight_decay = 1e-4
 
   if arg == 'paper':
     paper_settings(c)

@@ -108,9 +108,11 @@ def write_report(run_dirs: Sequence[str], out: str) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> None:
   import argparse
-  parser = argparse.ArgumentParser(prog='python -m dsset.compare', description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(prog='python -m dsset.compare',
+                                   description=__doc__.split('\n')[0])
   parser.add_argument('runs', nargs='+', help='evaluation folders holding eval.json')
-  parser.add_argument('--out', required=True, help='Markdown report to write (plot: same name .png)')
+  parser.add_argument('--out', required=True,
+                      help='Markdown report to write (the plot: same name, .png)')
   args = parser.parse_args(argv)
   try:
     rows = write_report(args.runs, args.out)

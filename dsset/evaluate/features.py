@@ -70,14 +70,26 @@ def pretraining_method(init_from: str) -> str:
                       f'({e})') from None
 
 
+def normalise_images(images: jax.Array) -> jax.Array:
+  """uint8 images -> the float inputs the encoder was pretrained on."""
+  return (images.astype(jnp.float32) / 255.0 - _INPUT_MEAN) / _INPUT_STD
+
+
 class FeatureExtractor:
   """Jitted, batched encoder: uint8 images [N, H, W, C] -> float32 features [N, D]."""
 
-  def __init__(self, config):
+  def __init__(self, config, variables: dict | None = None):
+    """variables: the encoder's {'params', 'batch_stats'} to use instead of init_from/random."""
     self.model_config = encoder_model_config(config)
     self.backbone = make_backbone(self.model_config)
     self.batch_size = int(config.evaluate.batch_size)
+    self.variables = self.initial_variables(config) if variables is None else variables
+    self._apply = jax.jit(self._encode)
+
+  def initial_variables(self, config) -> dict:
+    """The encoder of config.init_from, or a random one drawn with config.seed."""
     size, channels = int(config.data.image_size), int(config.data.channels)
+
     def init(rng):
       return self.backbone.init(rng, jnp.zeros((1, size, size, channels)), train=False)
 
@@ -88,20 +100,16 @@ class FeatureExtractor:
       # Only the shapes are needed to check the loaded encoder against this model.
       shapes = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(init, rng))
       encoder, _ = checkpointing.load_backbone(config.init_from)
-      variables = checkpointing.insert_backbone(shapes, encoder, (), config.init_from)
-    else:
-      # Jitted: one compiled program initialises faster than op-by-op dispatch on a CPU.
-      variables = jax.device_get(jax.jit(init)(rng))
-    self.variables = variables
-    self._apply = jax.jit(self._encode)
+      return checkpointing.insert_backbone(shapes, encoder, (), config.init_from)
+    # Jitted: one compiled program initialises faster than op-by-op dispatch on a CPU.
+    return jax.device_get(jax.jit(init)(rng))
 
   @property
   def num_features(self) -> int:
     return self.backbone.num_features
 
   def _encode(self, variables, images):
-    x = (images.astype(jnp.float32) / 255.0 - _INPUT_MEAN) / _INPUT_STD
-    return self.backbone.apply(variables, x, train=False)
+    return self.backbone.apply(variables, normalise_images(images), train=False)
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     """Encodes in fixed-size batches (the last one padded) so the encoder compiles once."""
@@ -154,8 +162,10 @@ def extract_split(config, extractor: FeatureExtractor, split: str, level: str) -
   return extract_levels(config, extractor, split)[level]
 
 
-def stratified_scan_subset(data: SplitFeatures, fraction: float, seed: int) -> SplitFeatures:
-  """Keeps a seeded, per-class `fraction` of the labelled scans (at least one scan per class).
+def stratified_scan_mask(labels: np.ndarray, scan_ids: np.ndarray, fraction: float,
+                         seed: int) -> np.ndarray:
+  """Boolean mask over examples keeping a seeded, per-class `fraction` of the scans (at least one
+  scan per class).
 
   Scans rather than slices are drawn, so at slice level a label fraction still means "this share of
   the labelled scans" and every kept scan contributes all its slices.
@@ -164,14 +174,19 @@ def stratified_scan_subset(data: SplitFeatures, fraction: float, seed: int) -> S
     raise ConfigError(f'config key evaluate.label_fraction={fraction!r} is invalid: expected a '
                       'number in (0, 1]')
   if fraction == 1:
-    return data
+    return np.ones(len(labels), bool)
   rng = np.random.default_rng(seed)
-  scans, first = np.unique(data.scan_ids, return_index=True)
-  scan_labels = data.labels[first]
+  scans, first = np.unique(scan_ids, return_index=True)
+  scan_labels = labels[first]
   kept = []
   for label in np.unique(scan_labels):
     members = scans[scan_labels == label]
     count = max(1, int(round(fraction * len(members))))
     kept.append(rng.choice(members, size=count, replace=False))
-  keep = np.isin(data.scan_ids, np.concatenate(kept))
+  return np.isin(scan_ids, np.concatenate(kept))
+
+
+def stratified_scan_subset(data: SplitFeatures, fraction: float, seed: int) -> SplitFeatures:
+  """The examples of the scans that stratified_scan_mask keeps."""
+  keep = stratified_scan_mask(data.labels, data.scan_ids, fraction, seed)
   return SplitFeatures(data.features[keep], data.labels[keep], data.scan_ids[keep])

@@ -1,7 +1,7 @@
 """Classification metrics in NumPy: accuracy, balanced accuracy, macro one-vs-rest AUC, confusion.
 
-Written out rather than imported so that evaluation needs no scikit-learn, and so that classes absent
-from a (small, label-fraction) test set are handled the same way everywhere.
+Written out rather than imported so that evaluation needs no scikit-learn, and so that classes
+absent from a (small, label-fraction) test set are handled the same way everywhere.
 """
 
 from __future__ import annotations

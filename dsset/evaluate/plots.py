@@ -25,11 +25,11 @@ def confusion_matrix(counts: np.ndarray, path: str, title: str) -> None:
   plt.close(fig)
 
 
-def training_curve(losses: np.ndarray, path: str, title: str) -> None:
+def training_curve(losses: np.ndarray, path: str, title: str, xlabel: str) -> None:
   fig, ax = plt.subplots(figsize=(5, 3.5))
   ax.plot(np.arange(1, len(losses) + 1), losses)
-  ax.set_xlabel('probe step (full batch)')
-  ax.set_ylabel('training loss (cross-entropy + L2)')
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel('training loss')
   ax.set_yscale('log')
   ax.set_title(title)
   fig.tight_layout()

@@ -1,7 +1,8 @@
-"""One evaluation run: extract frozen features, fit a linear probe or a kNN, write eval.json + PNGs.
+"""One evaluation run: a linear probe or a kNN on frozen features, or full fine-tuning; writes
+eval.json and PNG plots.
 
-train (optionally a stratified label fraction of it) fits the classifier, val chooses the probe's
-weight decay, and every reported metric is on test.
+train (optionally a stratified label fraction of it) fits the classifier (or fine-tunes the
+encoder and a head), val chooses the probe's weight decay, and every reported metric is on test.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import numpy as np
 from data_pipelines.sources import make_source
 from dsset import config_validation, train
 from dsset.config_validation import ConfigError
-from dsset.evaluate import features, metrics, plots, probes
+from dsset.evaluate import features, finetune, metrics, plots, probes
 
-KINDS = ('linear', 'knn')
+KINDS = ('linear', 'knn', 'finetune')
 EVAL_FILE = 'eval.json'
 PLOT_FILES = {'confusion': 'confusion_matrix.png', 'curve': 'probe_curve.png',
               'embedding': 'test_embedding_pca.png'}
@@ -36,11 +37,18 @@ def _check(config) -> None:
     raise ConfigError('config key evaluate.weight_decays is empty: give at least one value')
 
 
-def _classify(config, data: dict[str, features.SplitFeatures],
-              num_classes: int) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
-  """Test scores [N, C], extra summary entries, and the probe's loss curve (None for kNN)."""
+def _classify(config, data: dict[str, features.SplitFeatures], num_classes: int,
+              head: dict | None) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
+  """Test scores [N, C], extra summary entries, and the probe's loss curve (None for kNN).
+
+  head: the fine-tuned linear head (kind 'finetune'), applied to the fine-tuned features.
+  """
   ev = config.evaluate
   tr, te = data['train'], data['test']
+  if ev.kind == 'finetune':
+    logits = te.features @ head['kernel'] + head['bias']
+    scores = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return scores / scores.sum(axis=1, keepdims=True), {}, None
   if ev.kind == 'knn':
     scores = probes.knn_scores(tr.features, tr.labels, te.features, num_classes,
                                k=int(ev.knn_k), temperature=float(ev.knn_temperature))
@@ -69,6 +77,11 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   ev = config.evaluate
   extractor = features.FeatureExtractor(config)  # first: it names a missing export clearly
   method = features.pretraining_method(config.init_from)
+  # The source's class count, not the largest label seen: a class may be missing from small splits.
+  num_classes = make_source(config.data, 'train').num_classes
+  head, finetune_curve = None, None
+  if ev.kind == 'finetune':
+    extractor, head, finetune_curve = finetune.finetune(config, extractor, num_classes)
   data = {split: features.extract_split(config, extractor, split, ev.level)
           for split in ('train', 'val', 'test')}
   for split in ('train', 'test'):
@@ -77,9 +90,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
                         'scans to evaluate on')
   data['train'] = features.stratified_scan_subset(data['train'], float(ev.label_fraction),
                                                   int(config.seed))
-  # The source's class count, not the largest label seen: a class may be missing from small splits.
-  num_classes = make_source(config.data, 'train').num_classes
-  scores, extra, curve = _classify(config, data, num_classes)
+  scores, extra, curve = _classify(config, data, num_classes, head)
+  curve = finetune_curve if curve is None else curve
   test = data['test']
   result = {
       **metrics.classification_metrics(test.labels, scores),
@@ -100,7 +112,9 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   plots.embedding_map(test.features, test.labels, os.path.join(workdir, PLOT_FILES['embedding']),
                       f'test embeddings (PCA): {method}')
   if curve is not None:
-    plots.training_curve(curve, os.path.join(workdir, PLOT_FILES['curve']), title)
+    xlabel = ('fine-tuning step (mini-batch)' if ev.kind == 'finetune'
+              else 'probe step (full batch)')
+    plots.training_curve(curve, os.path.join(workdir, PLOT_FILES['curve']), title, xlabel)
   path = os.path.join(workdir, EVAL_FILE)
   with open(path + '.tmp', 'w') as f:
     json.dump(result, f, indent=2, sort_keys=True)

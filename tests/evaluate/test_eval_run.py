@@ -5,12 +5,15 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
-from configs import knn_eval, linear_eval
+from configs import finetune, knn_eval, linear_eval
 from dsset import checkpointing
 from dsset.config_validation import ConfigError
 from dsset.evaluate import features, run
+from dsset.evaluate import finetune as finetune_lib
 
 
 def tiny_eval_config(module, **evaluate):
@@ -82,3 +85,19 @@ def test_cli_reports_a_missing_pretraining_run_in_one_line(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().count('\n') == 0
   assert 'init_from' in proc.stderr and 'backbone.msgpack' in proc.stderr
+
+
+def test_finetune_trains_the_encoder_and_reports_on_test(tmp_path):
+  config = tiny_eval_config(finetune, finetune_steps=3, finetune_batch_size=4,
+                            finetune_learning_rate=1e-2, label_fraction=0.5)
+  config.data.set_size = 2
+  start = features.FeatureExtractor(config)
+  tuned, head, losses = finetune_lib.finetune(config, start, num_classes=4)
+  assert head['kernel'].shape == (start.num_features, 4) and len(losses) == 3
+  assert np.all(np.isfinite(losses))
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), start.variables, tuned.variables)
+  assert all(jax.tree.leaves(changed['params']))  # every encoder weight moved
+
+  result = run.evaluate(config, str(tmp_path))
+  assert (result['kind'], result['label_fraction']) == ('finetune', 0.5)
+  assert os.path.getsize(tmp_path / run.PLOT_FILES['curve']) > 1000
