@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import finetune, knn_eval, linear_eval
-from dsset import checkpointing
+from dsset import checkpointing, embed
 from dsset.config_validation import ConfigError
 from dsset.evaluate import features, run
 from dsset.evaluate import finetune as finetune_lib
@@ -101,3 +101,19 @@ def test_finetune_trains_the_encoder_and_reports_on_test(tmp_path):
   result = run.evaluate(config, str(tmp_path))
   assert (result['kind'], result['label_fraction']) == ('finetune', 0.5)
   assert os.path.getsize(tmp_path / run.PLOT_FILES['curve']) > 1000
+
+
+def test_embed_writes_slice_and_scan_embeddings_of_every_split(tmp_path):
+  config = tiny_eval_config(linear_eval)
+  _fake_pretraining_run(tmp_path / 'pretrain', config)
+  config.init_from = str(tmp_path / 'pretrain')
+  embed.embed(config, str(tmp_path / 'emb.npz'))
+  arrays = np.load(tmp_path / 'emb.npz')
+  assert arrays['scan_features'].shape[0] == 16  # every phantom scan, across the three splits
+  assert arrays['slice_features'].shape[0] == 16 * 8
+  assert set(arrays['scan_splits']) == {'train', 'val', 'test'}
+  # A scan's feature is the mean of its slices' features.
+  first = (arrays['slice_splits'] == arrays['scan_splits'][0]) & (
+      arrays['slice_scan_ids'] == arrays['scan_ids'][0])
+  np.testing.assert_allclose(arrays['slice_features'][first].mean(0), arrays['scan_features'][0],
+                             rtol=1e-5, atol=1e-6)
