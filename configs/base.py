@@ -122,6 +122,25 @@ def get_config(arg=None):
   c.distributed.num_processes = 0  # 0 = environment / JAX.
   c.distributed.process_id = -1  # -1 = environment / JAX.
 
+  # Downstream evaluation (dsset.evaluate; configs/linear_eval.py, knn_eval.py, finetune.py).
+  c.evaluate = ml_collections.ConfigDict()
+  # 'linear' (logistic-regression probe) | 'knn' (weighted kNN) | 'finetune' (end to end).
+  c.evaluate.kind = 'linear'
+  c.evaluate.level = 'scan'  # 'scan' (mean of a scan's slice features) | 'slice' (one per slice).
+  c.evaluate.label_fraction = 1.0  # share of the labelled train scans used (stratified, seeded).
+  c.evaluate.batch_size = 64  # images per encoder call during feature extraction.
+  c.evaluate.weight_decays = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # probe L2 grid, chosen on val.
+  c.evaluate.probe_steps = 500  # full-batch Adam steps of the probe.
+  c.evaluate.probe_learning_rate = 0.05
+  c.evaluate.knn_k = 20
+  c.evaluate.knn_temperature = 0.07  # vote weight exp(cosine / T), as in InstDisc and DINO.
+  # kind 'finetune' (configs/finetune.py): encoder + linear head trained end to end (AdamW).
+  c.evaluate.finetune_steps = 200
+  # Per step: scans (level 'scan', K = data.set_size slices each) or slices (level 'slice').
+  c.evaluate.finetune_batch_size = 16
+  c.evaluate.finetune_learning_rate = 1e-4
+  c.evaluate.finetune_weight_decay = 1e-4
+
   if arg == 'paper':
     paper_settings(c)
   return c

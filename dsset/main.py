@@ -20,12 +20,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
-  try:
-    config = flags.FLAGS.config
-    config.get('method')  # the config file is loaded lazily: surface a load error here
-  except OSError as e:
-    print(f'dsset: error: --config: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(2)
+  config = load_config_or_exit()
   try:
     train.train_and_evaluate(config, flags.FLAGS.workdir)
   except (ConfigError, DataError, train.TrainingError) as e:
@@ -34,6 +29,17 @@ def main(argv):
   except train.Interrupted as e:
     # The shell convention for death by a signal, so schedulers see the job did not finish.
     sys.exit(128 + (e.signum or signal.SIGTERM))
+
+
+def load_config_or_exit():
+  """The --config flag's config; a file that cannot be loaded exits with one line (status 2)."""
+  try:
+    config = flags.FLAGS.config
+    config.get('method')  # the config file is loaded lazily: surface a load error here
+  except OSError as e:
+    print(f'dsset: error: --config: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(2)
+  return config
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,0 +1,192 @@
+"""Frozen-encoder features of the evaluation splits, computed once per split.
+
+Levels (config key evaluate.level):
+  'slice': one feature per labelled slice (the scan's label on each of its slices).
+  'scan':  one feature per labelled scan, the mean of the features of all its slices. The mean (not
+           the sum the Deep Set uses in pretraining) keeps scans of different depth comparable.
+
+The encoder is the 2D backbone alone, in eval mode (BatchNorm running statistics), either loaded
+from a pretraining workdir (config key init_from) or randomly initialised from config.model with
+config.seed (the random-init baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_pipelines import pipeline
+from dsset import checkpointing
+from dsset.config_validation import ConfigError
+# The pretraining method normalises inputs with these constants; the BatchNorm running statistics
+# of a pretrained encoder were collected on inputs scaled this way, so features must use the same.
+from dsset.methods.contrastive import _INPUT_MEAN, _INPUT_STD
+from dsset.models import make_backbone
+
+LEVELS = ('slice', 'scan')
+RANDOM_INIT = 'random init'
+
+
+@dataclasses.dataclass
+class SplitFeatures:
+  """Features of one split at one level; scan_ids index the scans of that split's source."""
+
+  features: np.ndarray  # float32 [N, D]
+  labels: np.ndarray  # int32 [N]
+  scan_ids: np.ndarray  # int32 [N]
+
+
+def encoder_model_config(config) -> ml_collections.ConfigDict:
+  """The model section to build: the pretraining run's (from backbone.json) or config.model.
+
+  Runtime choices (dtype, CPU fast path) always come from this config, so a GPU-trained encoder can
+  be evaluated on a CPU and vice versa.
+  """
+  if not config.init_from:
+    return config.model
+  _, source_model = checkpointing.load_backbone(config.init_from)
+  model = ml_collections.ConfigDict(source_model)
+  model.dtype = config.model.dtype
+  model.cpu_fast_path = config.model.cpu_fast_path
+  return model
+
+
+def pretraining_method(init_from: str) -> str:
+  """The method of the pretraining run in `init_from` (its config.json), or 'random init'."""
+  if not init_from:
+    return RANDOM_INIT
+  path = os.path.join(init_from, 'config.json')
+  try:
+    with open(path) as f:
+      return str(json.load(f)['method'])
+  except (OSError, KeyError, ValueError) as e:
+    raise ConfigError(f'config key init_from={init_from!r}: cannot read the method from {path} '
+                      f'({e})') from None
+
+
+def normalise_images(images: jax.Array) -> jax.Array:
+  """uint8 images -> the float inputs the encoder was pretrained on."""
+  return (images.astype(jnp.float32) / 255.0 - _INPUT_MEAN) / _INPUT_STD
+
+
+class FeatureExtractor:
+  """Jitted, batched encoder: uint8 images [N, H, W, C] -> float32 features [N, D]."""
+
+  def __init__(self, config, variables: dict | None = None):
+    """variables: the encoder's {'params', 'batch_stats'} to use instead of init_from/random."""
+    self.model_config = encoder_model_config(config)
+    self.backbone = make_backbone(self.model_config)
+    self.batch_size = int(config.evaluate.batch_size)
+    self.variables = self.initial_variables(config) if variables is None else variables
+    self._apply = jax.jit(self._encode)
+
+  def initial_variables(self, config) -> dict:
+    """The encoder of config.init_from, or a random one drawn with config.seed."""
+    size, channels = int(config.data.image_size), int(config.data.channels)
+
+    def init(rng):
+      return self.backbone.init(rng, jnp.zeros((1, size, size, channels)), train=False)
+
+    # The 'rbg' generator compiles several times faster than threefry on a CPU (the random-init
+    # baseline only needs a seeded draw from the model's initialisers, not pretraining's bits).
+    rng = jax.random.key(int(config.seed), impl='rbg')
+    if config.init_from:
+      # Only the shapes are needed to check the loaded encoder against this model.
+      shapes = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(init, rng))
+      encoder, _ = checkpointing.load_backbone(config.init_from)
+      return checkpointing.insert_backbone(shapes, encoder, (), config.init_from)
+    # Jitted: one compiled program initialises faster than op-by-op dispatch on a CPU.
+    return jax.device_get(jax.jit(init)(rng))
+
+  @property
+  def num_features(self) -> int:
+    return self.backbone.num_features
+
+  def _encode(self, variables, images):
+    return self.backbone.apply(variables, normalise_images(images), train=False)
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    """Encodes in fixed-size batches (the last one padded) so the encoder compiles once."""
+    out = []
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      pad = self.batch_size - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+      out.append(np.asarray(self._apply(self.variables, chunk))[:len(chunk) - pad])
+    if not out:
+      return np.zeros((0, self.num_features), np.float32)
+    return np.concatenate(out)
+
+
+def extract_levels(config, extractor: FeatureExtractor, split: str,
+                   labelled_only: bool = True) -> dict[str, SplitFeatures]:
+  """Features of `split` at both levels ({'slice': ..., 'scan': ...}) from one encoder pass.
+
+  labelled_only: leave out scans whose label is -1 (kept, with label -1, when False).
+  """
+  images, owners, labels, scan_ids = [], [], [], []
+  for scan in pipeline.make_eval_dataset(config, split, 'scan'):
+    if labelled_only and scan['label'] < 0:
+      continue
+    images.append(scan['slices'])
+    owners.append(np.full(len(scan['slices']), len(labels)))
+    labels.append(int(scan['label']))
+    scan_ids.append(int(scan['scan_id']))
+  if not images:
+    empty = SplitFeatures(np.zeros((0, extractor.num_features), np.float32),
+                          np.zeros(0, np.int32), np.zeros(0, np.int32))
+    return {level: empty for level in LEVELS}
+  slice_features = extractor(np.concatenate(images))
+  owners = np.concatenate(owners)
+  labels, scan_ids = np.asarray(labels, np.int32), np.asarray(scan_ids, np.int32)
+  sums = np.zeros((len(labels), slice_features.shape[1]), np.float64)
+  np.add.at(sums, owners, slice_features)
+  counts = np.bincount(owners, minlength=len(labels))[:, None]
+  return {
+      'slice': SplitFeatures(slice_features, labels[owners], scan_ids[owners]),
+      'scan': SplitFeatures((sums / counts).astype(np.float32), labels, scan_ids),
+  }
+
+
+def extract_split(config, extractor: FeatureExtractor, split: str, level: str) -> SplitFeatures:
+  """Features of the labelled examples of `split` at `level` ('slice' | 'scan')."""
+  if level not in LEVELS:
+    raise ConfigError(f'config key evaluate.level={level!r} is invalid: expected one of {LEVELS}')
+  return extract_levels(config, extractor, split)[level]
+
+
+def stratified_scan_mask(labels: np.ndarray, scan_ids: np.ndarray, fraction: float,
+                         seed: int) -> np.ndarray:
+  """Boolean mask over examples keeping a seeded, per-class `fraction` of the scans (at least one
+  scan per class).
+
+  Scans rather than slices are drawn, so at slice level a label fraction still means "this share of
+  the labelled scans" and every kept scan contributes all its slices.
+  """
+  if not 0 < fraction <= 1:
+    raise ConfigError(f'config key evaluate.label_fraction={fraction!r} is invalid: expected a '
+                      'number in (0, 1]')
+  if fraction == 1:
+    return np.ones(len(labels), bool)
+  rng = np.random.default_rng(seed)
+  scans, first = np.unique(scan_ids, return_index=True)
+  scan_labels = labels[first]
+  kept = []
+  for label in np.unique(scan_labels):
+    members = scans[scan_labels == label]
+    count = max(1, int(round(fraction * len(members))))
+    kept.append(rng.choice(members, size=count, replace=False))
+  return np.isin(scan_ids, np.concatenate(kept))
+
+
+def stratified_scan_subset(data: SplitFeatures, fraction: float, seed: int) -> SplitFeatures:
+  """The examples of the scans that stratified_scan_mask keeps."""
+  keep = stratified_scan_mask(data.labels, data.scan_ids, fraction, seed)
+  return SplitFeatures(data.features[keep], data.labels[keep], data.scan_ids[keep])

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Pretrains SimCLR, PS-SimCLR (perscan) and DS-SimCLR (deepset) on the phantom for N seeds, adds a
+# random-init baseline, runs the scan-level linear probe on every encoder, and builds the
+# comparison report. See docs/reproducing.md.
+#
+# Usage: scripts/compare_methods.sh [OUT_DIR] [NUM_SEEDS]
+#   OUT_DIR    folder for every run and the report (default: runs/compare)
+#   NUM_SEEDS  seeds per method (default: 3)
+# Environment: STEPS (pretraining steps, default 100) and EXTRA (more --config.* overrides, applied
+# to pretraining and evaluation alike) change the quick CPU settings below.
+set -euo pipefail
+
+out_dir=${1:-runs/compare}
+num_seeds=${2:-3}
+steps=${STEPS:-100}
+python=${PYTHON:-python}
+
+# Quick CPU settings: shared by pretraining and evaluation so the encoder and data match.
+common=(
+  --config.model.backbone=resnet10
+  --config.model.width_multiplier=0.25
+  --config.model.small_stem=True
+  --config.data.image_size=32
+  --config.data.phantom.num_scans=96
+  --config.data.phantom.height=32
+  --config.data.phantom.width=32
+)
+pretrain=(
+  --config.train.num_steps="${steps}"
+  --config.train.batch_size=16
+  --config.train.warmup_steps=10
+  --config.model.head_hidden=128
+  --config.model.head_out=64
+  --config.checkpoint.every_steps=1000
+)
+read -r -a extra <<< "${EXTRA:-}"
+
+mkdir -p "${out_dir}"
+eval_dirs=()
+for seed in $(seq 0 $((num_seeds - 1))); do
+  for method in simclr perscan deepset; do
+    run="${out_dir}/pretrain/${method}_seed${seed}"
+    if [[ ! -f "${run}/backbone.msgpack" ]]; then
+      echo "== pretraining ${method}, seed ${seed}"
+      "${python}" -m dsset.main --config="configs/${method}.py" --workdir="${run}" \
+        --config.seed="${seed}" "${common[@]}" "${pretrain[@]}" "${extra[@]}"
+    fi
+    echo "== linear probe of ${method}, seed ${seed}"
+    "${python}" -m dsset.evaluate.main --config=configs/linear_eval.py \
+      --workdir="${out_dir}/eval/${method}_seed${seed}" --config.init_from="${run}" \
+      --config.seed="${seed}" --config.evaluate.level=scan "${common[@]}" "${extra[@]}"
+    eval_dirs+=("${out_dir}/eval/${method}_seed${seed}")
+  done
+  echo "== linear probe of a random-init encoder, seed ${seed}"
+  "${python}" -m dsset.evaluate.main --config=configs/linear_eval.py \
+    --workdir="${out_dir}/eval/random_seed${seed}" --config.init_from= \
+    --config.seed="${seed}" --config.evaluate.level=scan "${common[@]}" "${extra[@]}"
+  eval_dirs+=("${out_dir}/eval/random_seed${seed}")
+done
+
+"${python}" -m dsset.compare "${eval_dirs[@]}" --out="${out_dir}/report.md"
+echo "Report: ${out_dir}/report.md"

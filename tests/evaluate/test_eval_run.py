@@ -1,0 +1,119 @@
+"""End-to-end evaluation runs on a tiny phantom with a tiny encoder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import finetune, knn_eval, linear_eval
+from dsset import checkpointing, embed
+from dsset.config_validation import ConfigError
+from dsset.evaluate import features, run
+from dsset.evaluate import finetune as finetune_lib
+
+
+def tiny_eval_config(module, **evaluate):
+  c = module.get_config()
+  c.data.image_size = 32
+  c.data.phantom.num_scans = 16
+  c.data.phantom.depth = 8
+  c.data.phantom.height = 32
+  c.data.phantom.width = 32
+  c.model.backbone = 'resnet10'
+  c.model.width_multiplier = 0.125
+  c.evaluate.batch_size = 32
+  c.evaluate.probe_steps = 20
+  for key, value in evaluate.items():
+    c.evaluate[key] = value
+  return c
+
+
+def test_linear_eval_random_init_writes_results_and_plots(tmp_path):
+  result = run.evaluate(tiny_eval_config(linear_eval, label_fraction=0.5), str(tmp_path))
+  with open(tmp_path / 'eval.json') as f:
+    written = json.load(f)
+  assert written == result
+  for key in ('accuracy', 'balanced_accuracy', 'auc'):
+    assert 0 <= written[key] <= 1
+  assert written['method'] == 'random init'
+  assert (written['kind'], written['level'], written['label_fraction']) == ('linear', 'scan', 0.5)
+  assert written['weight_decay'] in tiny_eval_config(linear_eval).evaluate.weight_decays
+  # Half of the train scans, stratified: every class keeps at least one.
+  assert 0 < written['num_examples']['train'] < 16
+  for name in run.PLOT_FILES.values():
+    assert os.path.getsize(tmp_path / name) > 1000
+
+
+def _fake_pretraining_run(path, config):
+  """A workdir with a backbone export and a config.json naming the method, as dsset.main leaves."""
+  os.makedirs(path)
+  variables = features.FeatureExtractor(config).variables  # a random-init encoder
+  checkpointing.export_backbone(str(path), variables, (), config.model)
+  with open(path / 'config.json', 'w') as f:
+    json.dump({'method': 'perscan'}, f)
+
+
+def test_knn_slice_eval_loads_the_pretrained_encoder(tmp_path):
+  config = tiny_eval_config(knn_eval, level='slice')
+  _fake_pretraining_run(tmp_path / 'pretrain', config)
+  config.init_from = str(tmp_path / 'pretrain')
+  result = run.evaluate(config, str(tmp_path / 'eval'))
+  assert (result['method'], result['kind'], result['level']) == ('perscan', 'knn', 'slice')
+  # Slice level: every slice of every labelled test scan is an example.
+  assert result['num_examples']['test'] % 8 == 0 and result['num_examples']['test'] > 0
+  assert not os.path.exists(tmp_path / 'eval' / run.PLOT_FILES['curve'])  # no probe training
+
+  config.model.width_multiplier = 0.25  # ignored: the architecture comes from backbone.json
+  assert run.evaluate(config, str(tmp_path / 'eval2'))['num_features'] == result['num_features']
+
+
+def test_bad_evaluate_key_is_one_config_error(tmp_path):
+  with pytest.raises(ConfigError, match='evaluate.level'):
+    run.evaluate(tiny_eval_config(linear_eval, level='volume'), str(tmp_path))
+
+
+def test_cli_reports_a_missing_pretraining_run_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dsset.evaluate.main', '--config=configs/linear_eval.py',
+       f'--workdir={tmp_path / "eval"}', f'--config.init_from={tmp_path / "missing"}'],
+      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+          os.path.abspath(__file__)))), check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().count('\n') == 0
+  assert 'init_from' in proc.stderr and 'backbone.msgpack' in proc.stderr
+
+
+def test_finetune_trains_the_encoder_and_reports_on_test(tmp_path):
+  config = tiny_eval_config(finetune, finetune_steps=3, finetune_batch_size=4,
+                            finetune_learning_rate=1e-2, label_fraction=0.5)
+  config.data.set_size = 2
+  start = features.FeatureExtractor(config)
+  tuned, head, losses = finetune_lib.finetune(config, start, num_classes=4)
+  assert head['kernel'].shape == (start.num_features, 4) and len(losses) == 3
+  assert np.all(np.isfinite(losses))
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), start.variables, tuned.variables)
+  assert all(jax.tree.leaves(changed['params']))  # every encoder weight moved
+
+  result = run.evaluate(config, str(tmp_path))
+  assert (result['kind'], result['label_fraction']) == ('finetune', 0.5)
+  assert os.path.getsize(tmp_path / run.PLOT_FILES['curve']) > 1000
+
+
+def test_embed_writes_slice_and_scan_embeddings_of_every_split(tmp_path):
+  config = tiny_eval_config(linear_eval)
+  _fake_pretraining_run(tmp_path / 'pretrain', config)
+  config.init_from = str(tmp_path / 'pretrain')
+  embed.embed(config, str(tmp_path / 'emb.npz'))
+  arrays = np.load(tmp_path / 'emb.npz')
+  assert arrays['scan_features'].shape[0] == 16  # every phantom scan, across the three splits
+  assert arrays['slice_features'].shape[0] == 16 * 8
+  assert set(arrays['scan_splits']) == {'train', 'val', 'test'}
+  # A scan's feature is the mean of its slices' features.
+  first = (arrays['slice_splits'] == arrays['scan_splits'][0]) & (
+      arrays['slice_scan_ids'] == arrays['scan_ids'][0])
+  np.testing.assert_allclose(arrays['slice_features'][first].mean(0), arrays['scan_features'][0],
+                             rtol=1e-5, atol=1e-6)
