@@ -21,7 +21,7 @@ from data_pipelines import pipeline
 from data_pipelines.sources import make_source
 from dsset import checkpointing, config_validation, optim, parallel, preemption
 from dsset.methods import METHODS
-from dsset.models import LinearHead
+from dsset.models import LinearHead, feature_dim
 from dsset.reporting import Reporter
 
 
@@ -88,19 +88,8 @@ class Trainer:
     self.num_classes = num_classes if config.monitor.enabled else 0
     self.probe = LinearHead(num_classes=max(self.num_classes, 1))
     self.probe_tx = optax.adam(float(config.monitor.learning_rate))
-    feature_dim = jax.eval_shape(
-        lambda r: self.method.loss(*self._variables(self.method.init(r)),
-                                   self._zeros_batch(2), r, train=False)[1][2],
-        jax.random.PRNGKey(0)).shape[-1]
-    self.feature_dim = feature_dim
-
-  @staticmethod
-  def _variables(variables):
-    return variables['params'], variables['batch_stats']
-
-  def _zeros_batch(self, batch_size: int):
-    return {k: jnp.zeros(s.shape, s.dtype)
-            for k, s in self.method.example_batch(batch_size).items()}
+    # The set encoder (sum/mean pooling, rho) keeps the backbone's feature length.
+    self.feature_dim = feature_dim(config.model)
 
   def init_state(self, rng: jax.Array) -> dict[str, Any]:
     model_rng, probe_rng, state_rng = jax.random.split(rng, 3)

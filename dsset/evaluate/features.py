@@ -26,7 +26,7 @@ from dsset import checkpointing
 from dsset.config_validation import ConfigError
 # The pretraining method normalises inputs with these constants; the BatchNorm running statistics
 # of a pretrained encoder were collected on inputs scaled this way, so features must use the same.
-from dsset.methods.contrastive import _INPUT_MEAN, _INPUT_STD
+from dsset.methods.contrastive import INPUT_MEAN, INPUT_STD
 from dsset.models import make_backbone
 
 LEVELS = ('slice', 'scan')
@@ -72,7 +72,7 @@ def pretraining_method(init_from: str) -> str:
 
 def normalise_images(images: jax.Array) -> jax.Array:
   """uint8 images -> the float inputs the encoder was pretrained on."""
-  return (images.astype(jnp.float32) / 255.0 - _INPUT_MEAN) / _INPUT_STD
+  return (images.astype(jnp.float32) / 255.0 - INPUT_MEAN) / INPUT_STD
 
 
 class FeatureExtractor:

@@ -15,8 +15,8 @@ from dsset import augment, losses, models
 
 # uint8 slices are scaled to [0, 1] by the augmentation, then centred so the stem sees zero-mean
 # inputs; BatchNorm after the stem makes the exact constants unimportant.
-_INPUT_MEAN = 0.5
-_INPUT_STD = 0.25
+INPUT_MEAN = 0.5
+INPUT_STD = 0.25
 
 
 class ContrastiveModel(nn.Module):
@@ -79,7 +79,7 @@ class ContrastiveMethod:
     """
     views = augment.augment_views(rng, batch['views'], self.config.augment,
                                   self.config.data.image_size)
-    views = (views - _INPUT_MEAN) / _INPUT_STD
+    views = (views - INPUT_MEAN) / INPUT_STD
     views = jnp.concatenate([views[:, 0], views[:, 1]], axis=0)
     mask = jnp.concatenate([batch['mask'][:, 0], batch['mask'][:, 1]], axis=0)
     return views, mask
