@@ -124,7 +124,8 @@ def get_config(arg=None):
 
   # Downstream evaluation (dsset.evaluate; configs/linear_eval.py, knn_eval.py, finetune.py).
   c.evaluate = ml_collections.ConfigDict()
-  # 'linear' (logistic-regression probe) | 'knn' (weighted kNN) | 'finetune' (end to end).
+  # 'linear' (logistic-regression probe) | 'knn' (weighted kNN) | 'finetune' (end to end) |
+  # 'segment' (U-Net decoder on the encoder, trained end to end on voxel masks).
   c.evaluate.kind = 'linear'
   c.evaluate.level = 'scan'  # 'scan' (mean of a scan's slice features) | 'slice' (one per slice).
   c.evaluate.label_fraction = 1.0  # share of the labelled train scans used (stratified, seeded).
@@ -140,6 +141,13 @@ def get_config(arg=None):
   c.evaluate.finetune_batch_size = 16
   c.evaluate.finetune_learning_rate = 1e-4
   c.evaluate.finetune_weight_decay = 1e-4
+  # kind 'segment' (configs/segment.py): slices and masks; Dice + cross-entropy, AdamW.
+  c.evaluate.segment_steps = 300
+  c.evaluate.segment_batch_size = 16  # slices per step.
+  c.evaluate.segment_learning_rate = 1e-3
+  c.evaluate.segment_weight_decay = 1e-4
+  c.evaluate.segment_freeze_steps = 0  # first steps train the decoder only (encoder frozen).
+  c.evaluate.segment_num_classes = 0  # mask ids 0..C-1; 0 = the largest id in train masks + 1.
 
   if arg == 'paper':
     paper_settings(c)

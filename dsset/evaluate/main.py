@@ -25,9 +25,12 @@ def main(argv):
   except (ConfigError, DataError) as e:
     print(f'dsset: error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(f'{result["method"]} / {result["kind"]} ({result["level"]}): accuracy '
-        f'{result["accuracy"]:.4f}, balanced accuracy {result["balanced_accuracy"]:.4f}, '
-        f'AUC {result["auc"]:.4f}; results in {flags.FLAGS.workdir}')
+  if result['kind'] == 'segment':
+    summary = f'test Dice (mean over foreground classes) {result["dice_mean"]:.4f}'
+  else:
+    summary = (f'({result["level"]}): accuracy {result["accuracy"]:.4f}, balanced accuracy '
+               f'{result["balanced_accuracy"]:.4f}, AUC {result["auc"]:.4f}')
+  print(f'{result["method"]} / {result["kind"]} {summary}; results in {flags.FLAGS.workdir}')
 
 
 if __name__ == '__main__':

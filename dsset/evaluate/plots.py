@@ -60,3 +60,28 @@ def embedding_map(features: np.ndarray, labels: np.ndarray, path: str, title: st
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def segmentation_grid(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int,
+                      path: str, title: str) -> None:
+  """One row per slice: the image, its ground-truth mask and the predicted mask.
+
+  images: [N, H, W] grey; truth, pred: integer masks [N, H, W] with ids 0..num_classes-1.
+  """
+  rows = len(images)
+  # Fixed colour limits, so that a class id has the same colour in every panel (tab10: 10 ids).
+  mask_limit = max(9, num_classes - 1)
+  fig, axes = plt.subplots(rows, 3, figsize=(6, 2 * rows + 0.4), squeeze=False)
+  for row in range(rows):
+    axes[row, 0].imshow(images[row], cmap='gray', vmin=0, vmax=255)
+    for ax, mask in zip(axes[row, 1:], (truth[row], pred[row])):
+      ax.imshow(mask, cmap='tab10', vmin=0, vmax=mask_limit, interpolation='nearest')
+  for ax in axes.ravel():
+    ax.set_xticks([])
+    ax.set_yticks([])
+  for ax, name in zip(axes[0], ('image', 'ground truth', 'prediction')):
+    ax.set_title(name, fontsize=9)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,5 +1,5 @@
-"""One evaluation run: a linear probe or a kNN on frozen features, or full fine-tuning; writes
-eval.json and PNG plots.
+"""One evaluation run: a linear probe or a kNN on frozen features, full fine-tuning, or
+segmentation (dsset.evaluate.segment); writes eval.json and PNG plots.
 
 train (optionally a stratified label fraction of it) fits the classifier (or fine-tunes the
 encoder and a head), val chooses the probe's weight decay, and every reported metric is on test.
@@ -16,9 +16,9 @@ import numpy as np
 from data_pipelines.sources import make_source
 from dsset import config_validation, train
 from dsset.config_validation import ConfigError
-from dsset.evaluate import features, finetune, metrics, plots, probes
+from dsset.evaluate import features, finetune, metrics, plots, probes, segment
 
-KINDS = ('linear', 'knn', 'finetune')
+KINDS = ('linear', 'knn', 'finetune', 'segment')
 EVAL_FILE = 'eval.json'
 PLOT_FILES = {'confusion': 'confusion_matrix.png', 'curve': 'probe_curve.png',
               'embedding': 'test_embedding_pca.png'}
@@ -66,14 +66,27 @@ def _classify(config, data: dict[str, features.SplitFeatures], num_classes: int,
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
-  """Runs the evaluation `config` describes and writes its results to `workdir`; returns eval.json.
-
-  The split features are computed once; the classifier sees only the features.
-  """
+  """Runs the evaluation `config` describes and writes its results to `workdir`; returns eval.json."""
   config_validation.validate(config)
   _check(config)
   workdir = train.prepare_workdir(workdir, config)
   train.enable_compilation_cache()
+  if config.evaluate.kind == 'segment':
+    result = segment.evaluate_segmentation(config, workdir)
+  else:
+    result = _evaluate_classification(config, workdir)
+  path = os.path.join(workdir, EVAL_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)
+  return result
+
+
+def _evaluate_classification(config, workdir: str) -> dict[str, Any]:
+  """A linear probe, kNN or fine-tuning run; writes its plots and returns eval.json's content.
+
+  The split features are computed once; the classifier sees only the features.
+  """
   ev = config.evaluate
   extractor = features.FeatureExtractor(config)  # first: it names a missing export clearly
   method = features.pretraining_method(config.init_from)
@@ -115,8 +128,4 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     xlabel = ('fine-tuning step (mini-batch)' if ev.kind == 'finetune'
               else 'probe step (full batch)')
     plots.training_curve(curve, os.path.join(workdir, PLOT_FILES['curve']), title, xlabel)
-  path = os.path.join(workdir, EVAL_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(result, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
   return result

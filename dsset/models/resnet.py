@@ -32,7 +32,7 @@ class _Block(nn.Module):
                        dtype=self.dtype, fast=self.cpu_fast_path)
 
   def norm(self, train: bool) -> nn.BatchNorm:
-    return _batch_norm(train, self.dtype)
+    return batch_norm(train, self.dtype)
 
   def shortcut(self, x: jax.Array, out_features: int, train: bool,
                mask: jax.Array | None) -> jax.Array:
@@ -42,7 +42,8 @@ class _Block(nn.Module):
     return self.norm(train)(self.conv(out_features, 1, self.strides)(x), mask=mask)
 
 
-def _batch_norm(train: bool, dtype: Any) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype: Any) -> nn.BatchNorm:
+  """BatchNorm with torchvision's settings (also used by the decoders built on these encoders)."""
   # Flax momentum 0.9 == torch momentum 0.1; epsilon as torch. Scale starts at 1 (torchvision).
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
                       param_dtype=jnp.float32)
@@ -99,23 +100,27 @@ class ResNet(nn.Module):
     return self.stage_width(len(self.stage_sizes) - 1) * self.block.expansion
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None,
+               stages: bool = False) -> jax.Array | list[jax.Array]:
     """Encodes images.
 
     Args:
       x: images [N, H, W, C].
       train: BatchNorm uses (and updates) batch statistics instead of running averages.
       mask: optional boolean [N]; in train mode only the True images enter the batch statistics.
+      stages: return the feature maps of every level instead of the pooled features (for dense
+        decoders such as dsset.models.unet). The parameters are the same either way.
 
     Returns:
-      float32 features [N, num_features].
+      float32 features [N, num_features]; with stages=True the list [stem, stage 1, ..., stage S]
+      of maps [N, h, w, c] in the compute dtype, the stem's taken before the max-pool.
     """
     bn_mask = None if mask is None else mask.reshape(-1, 1, 1, 1)
     kernel, stride = (3, 1) if self.small_stem else (7, 2)
     x = layers.Conv(self.stage_width(0), (kernel, kernel), (stride, stride), _pad(kernel),
                     dtype=self.dtype, fast=self.cpu_fast_path)(x)
-    x = nn.relu(_batch_norm(train, self.dtype)(x, mask=bn_mask))
+    x = nn.relu(batch_norm(train, self.dtype)(x, mask=bn_mask))
+    maps = [x]
     if not self.small_stem:
       x = layers.max_pool(x, (3, 3), (2, 2), _pad(3), fast=self.cpu_fast_path)
     for stage, num_blocks in enumerate(self.stage_sizes):
@@ -123,6 +128,9 @@ class ResNet(nn.Module):
         strides = 2 if stage > 0 and index == 0 else 1
         x = self.block(self.stage_width(stage), strides, self.dtype, self.cpu_fast_path)(
             x, train, bn_mask)
+      maps.append(x)
+    if stages:
+      return maps
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
