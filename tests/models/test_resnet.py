@@ -201,3 +201,20 @@ def test_bad_config_names_the_key(key, value):
   config[key] = value
   with pytest.raises(ValueError, match=f'model.{key}'):
     models.make_backbone(config)
+
+
+@pytest.mark.parametrize('size', [32, 64])
+@pytest.mark.parametrize('small_stem, strides', [(False, (2, 4, 8, 16, 32)), (True, (1, 1, 2, 4, 8))])
+def test_stage_maps_shapes(size, small_stem, strides):
+  net = models.ResNet10(small_stem=small_stem, width_multiplier=0.125)
+  maps = jax.eval_shape(lambda: net.init_with_output(
+      jax.random.key(0), jnp.zeros((2, size, size, 1)), stages=True))[0]
+  widths = (8, 8, 16, 32, 64)
+  assert [m.shape for m in maps] == [(2, size // s, size // s, w) for s, w in zip(strides, widths)]
+
+
+def test_stage_maps_use_the_same_parameters_and_pool_to_the_features(small):
+  net, x, variables = small
+  maps = net.apply(variables, x, stages=True)  # the pooled model's variables apply unchanged
+  np.testing.assert_allclose(maps[-1].mean(axis=(1, 2)), net.apply(variables, x),
+                             rtol=1e-5, atol=1e-6)
