@@ -66,7 +66,8 @@ def _classify(config, data: dict[str, features.SplitFeatures], num_classes: int,
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
-  """Runs the evaluation `config` describes and writes its results to `workdir`; returns eval.json."""
+  """Runs the evaluation `config` describes, writes its results and plots to `workdir`; returns
+  the content of eval.json."""
   config_validation.validate(config)
   _check(config)
   workdir = train.prepare_workdir(workdir, config)

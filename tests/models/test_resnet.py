@@ -204,7 +204,8 @@ def test_bad_config_names_the_key(key, value):
 
 
 @pytest.mark.parametrize('size', [32, 64])
-@pytest.mark.parametrize('small_stem, strides', [(False, (2, 4, 8, 16, 32)), (True, (1, 1, 2, 4, 8))])
+@pytest.mark.parametrize('small_stem, strides',
+                         [(False, (2, 4, 8, 16, 32)), (True, (1, 1, 2, 4, 8))])
 def test_stage_maps_shapes(size, small_stem, strides):
   net = models.ResNet10(small_stem=small_stem, width_multiplier=0.125)
   maps = jax.eval_shape(lambda: net.init_with_output(
