@@ -69,16 +69,15 @@ def resize_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
 def read_split(config, split: str, keep_fraction: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
   """uint8 images [N, S, S, C] and int32 masks [N, S, S] of every slice of the split's scans.
 
-  keep_fraction < 1 keeps a seeded share of the scans (stratified by scan label when there is one).
+  keep_fraction keeps a seeded share of the scans (stratified by scan label when there is one).
   """
   source = make_source(config.data, split)
   size, channels = int(config.data.image_size), int(config.data.channels)
   scans = [source[i] for i in range(len(source))]
-  if keep_fraction < 1:
-    labels = np.asarray([s.label for s in scans], np.int32)
-    keep = features.stratified_scan_mask(labels, np.arange(len(scans)), keep_fraction,
-                                         int(config.seed))
-    scans = [s for s, k in zip(scans, keep) if k]
+  labels = np.asarray([s.label for s in scans], np.int32)
+  keep = features.stratified_scan_mask(labels, np.arange(len(scans)), keep_fraction,
+                                       int(config.seed))
+  scans = [s for s, k in zip(scans, keep) if k]
   if not scans:
     raise DataError(f'the {split} split of data.source={config.data.source!r} has no scans to '
                     'segment')
@@ -181,9 +180,10 @@ def evaluate_segmentation(config, workdir: str) -> dict[str, Any]:
   ev = config.evaluate
   model_config = features.encoder_model_config(config)  # first: it names a missing export clearly
   method = features.pretraining_method(config.init_from)
-  if int(ev.segment_freeze_steps) < 0:
-    raise ConfigError(f'config key evaluate.segment_freeze_steps={ev.segment_freeze_steps} is '
-                      'invalid: expected an integer >= 0')
+  for key, low in (('segment_steps', 1), ('segment_batch_size', 1), ('segment_freeze_steps', 0)):
+    if int(ev[key]) < low:
+      raise ConfigError(f'config key evaluate.{key}={ev[key]} is invalid: expected an integer '
+                        f'>= {low}')
   train_images, train_masks = read_split(config, 'train', float(ev.label_fraction))
   test_images, test_masks = read_split(config, 'test')
   num_classes = _num_classes(config, train_masks)
