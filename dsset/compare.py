@@ -14,12 +14,26 @@ from collections.abc import Sequence
 
 import numpy as np
 
-METRICS = ('accuracy', 'balanced_accuracy', 'auc')
+CLASSIFICATION_METRICS = ('accuracy', 'balanced_accuracy', 'auc')
+SEGMENTATION_METRICS = ('dice_mean',)
 GROUP_KEYS = ('method', 'kind', 'level', 'label_fraction')
 
 
 class CompareError(ValueError):
   """A run folder without a readable eval.json."""
+
+
+def metrics_of(run: dict) -> tuple[str, ...]:
+  """The scores an eval.json of this kind reports."""
+  return SEGMENTATION_METRICS if run.get('kind') == 'segment' else CLASSIFICATION_METRICS
+
+
+def columns(rows: Sequence[dict]) -> list[str]:
+  """Every metric of the table's rows, in first-seen order (classification, then Dice)."""
+  seen = []
+  for row in rows:
+    seen += [m for m in row['metrics'] if m not in seen]
+  return seen
 
 
 def read_runs(run_dirs: Sequence[str]) -> list[dict]:
@@ -37,21 +51,21 @@ def read_runs(run_dirs: Sequence[str]) -> list[dict]:
 
 
 def summarise(runs: Sequence[dict]) -> list[dict]:
-  """One row per group: the group keys, 'n', and '<metric>_mean' / '<metric>_std' per metric.
+  """One row per group: the group keys, 'n', its 'metrics', and '<metric>_mean' / '_std' of each.
 
   std is the sample standard deviation (ddof=1); 0 for a group of one run.
   """
   groups: dict[tuple, list[dict]] = {}
   for run in runs:
-    missing = [k for k in (*GROUP_KEYS, *METRICS) if k not in run]
+    missing = [k for k in (*GROUP_KEYS, *metrics_of(run)) if k not in run]
     if missing:
       raise CompareError(f'an eval.json lacks {", ".join(missing)}')
     groups.setdefault(tuple(run[k] for k in GROUP_KEYS), []).append(run)
   rows = []
   for key in sorted(groups, key=lambda k: tuple(str(v) for v in k)):
     members = groups[key]
-    row = dict(zip(GROUP_KEYS, key), n=len(members))
-    for metric in METRICS:
+    row = dict(zip(GROUP_KEYS, key), n=len(members), metrics=metrics_of(members[0]))
+    for metric in row['metrics']:
       values = np.asarray([m[metric] for m in members], dtype=np.float64)
       row[f'{metric}_mean'] = float(np.mean(values))
       row[f'{metric}_std'] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -59,12 +73,19 @@ def summarise(runs: Sequence[dict]) -> list[dict]:
   return rows
 
 
+def _cell(row: dict, metric: str) -> str:
+  if metric not in row['metrics']:
+    return '-'
+  return f'{row[f"{metric}_mean"]:.3f} ± {row[f"{metric}_std"]:.3f}'
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
-  header = ['method', 'eval', 'level', 'labels', 'runs', *METRICS]
+  metrics = columns(rows)
+  header = ['method', 'eval', 'level', 'labels', 'runs', *metrics]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for r in rows:
     cells = [r['method'], r['kind'], r['level'], f'{r["label_fraction"]:g}', str(r['n'])]
-    cells += [f'{r[f"{m}_mean"]:.3f} ± {r[f"{m}_std"]:.3f}' for m in METRICS]
+    cells += [_cell(r, m) for m in metrics]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -75,12 +96,14 @@ def bar_plot(rows: Sequence[dict], path: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 3.8))
-  width = 0.8 / len(METRICS)
+  metrics = columns(rows)
+  width = 0.8 / len(metrics)
   positions = np.arange(len(rows))
-  for i, metric in enumerate(METRICS):
-    ax.bar(positions + (i - (len(METRICS) - 1) / 2) * width,
-           [r[f'{metric}_mean'] for r in rows], width,
-           yerr=[r[f'{metric}_std'] for r in rows], capsize=3, label=metric)
+  for i, metric in enumerate(metrics):
+    # A row without this metric gets no bar (NaN heights are not drawn).
+    ax.bar(positions + (i - (len(metrics) - 1) / 2) * width,
+           [r.get(f'{metric}_mean', np.nan) for r in rows], width,
+           yerr=[r.get(f'{metric}_std', 0.0) for r in rows], capsize=3, label=metric)
   ax.set_xticks(positions)
   ax.set_xticklabels([f'{r["method"]}\n{r["kind"]}, {r["level"]}, {r["label_fraction"]:g}'
                       for r in rows], fontsize=8)

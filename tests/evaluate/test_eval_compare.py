@@ -40,3 +40,18 @@ def test_cli_names_the_run_without_results(tmp_path):
                         check=False)
   assert proc.returncode == 1
   assert str(tmp_path / 'eval.json') in proc.stderr
+
+
+def test_segmentation_runs_get_a_dice_column(tmp_path):
+  seg = tmp_path / 's0'
+  os.makedirs(seg)
+  with open(seg / 'eval.json', 'w') as f:
+    json.dump({'method': 'deepset', 'kind': 'segment', 'level': 'slice', 'label_fraction': 1.0,
+               'seed': 0, 'dice_mean': 0.52, 'dice_per_class': {'1': 0.9}}, f)
+  runs = [_write(tmp_path / 'a0', 'deepset', 0.8, 0), str(seg)]
+  out = tmp_path / 'report.md'
+  compare.write_report(runs, str(out))
+  text = out.read_text()
+  assert '| method | eval | level | labels | runs | accuracy | balanced_accuracy | auc | dice_mean |' in text
+  assert '| deepset | segment | slice | 1 | 1 | - | - | - | 0.520 ± 0.000 |' in text
+  assert '| deepset | linear | scan | 1 | 1 | 0.800 ± 0.000 | 0.800 ± 0.000 | 0.900 ± 0.000 | - |' in text
