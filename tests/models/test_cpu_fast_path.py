@@ -7,12 +7,14 @@ import pytest
 
 from dsset import models
 
-# Relative L2 distance (gradients: per parameter leaf). The rewritten ops match the plain ones to
-# ~1e-6 (tests/ops), but BatchNorm over a batch of 4 at 1x1-2x2 maps divides by tiny variances and
-# amplifies those rounding differences through the network: measured here up to 4e-6 on the
-# features and 5e-5 on the worst gradient leaf (32 px). The tolerances leave a 20x margin.
-OUTPUT_TOLERANCE = 1e-4
-GRADIENT_TOLERANCE = 1e-3
+# Relative L2 distance (gradients: per parameter leaf), computed in float64. In float32 the
+# comparison says little for deep nets: BatchNorm over a batch of 4 at 1x1-2x2 maps divides by tiny
+# variances, and ResNet-50 at 64 px then differs from its own float64 result by 9e-2 on the worst
+# gradient leaf, plain path alone. In float64 the rewrite and the plain ops agree to ~1e-14
+# (measured), so any real error in the rewrite stands out.
+# The features themselves are returned in float32 by design (ResNet casts its output), hence 1e-6.
+OUTPUT_TOLERANCE = 1e-6
+GRADIENT_TOLERANCE = 1e-9
 
 
 def _relative_l2(a, b):
@@ -29,16 +31,19 @@ def _forward_and_grads(backbone, variables, images, weights):
 
 
 def _check(name, image_size):
-  images = jax.random.uniform(jax.random.key(0), (4, image_size, image_size, 1))
-  plain, fast = (models.BACKBONES[name](cpu_fast_path=flag) for flag in (False, True))
-  variables = plain.init(jax.random.key(1), images)
-  weights = jax.random.normal(jax.random.key(2), (4, plain.num_features))
-  features_plain, grads_plain = _forward_and_grads(plain, variables, images, weights)
-  features_fast, grads_fast = _forward_and_grads(fast, variables, images, weights)
-  assert _relative_l2(features_fast, features_plain) < OUTPUT_TOLERANCE
-  errors = jax.tree.map(_relative_l2, grads_fast, grads_plain)
-  worst = max(jax.tree.leaves(errors))
-  assert worst < GRADIENT_TOLERANCE, errors
+  with jax.enable_x64(True):
+    images = jax.random.uniform(jax.random.key(0), (4, image_size, image_size, 1), jnp.float64)
+    plain, fast = (models.BACKBONES[name](cpu_fast_path=flag, dtype=jnp.float64)
+                   for flag in (False, True))
+    variables = jax.tree.map(lambda v: v.astype(jnp.float64),
+                             plain.init(jax.random.key(1), images))
+    weights = jax.random.normal(jax.random.key(2), (4, plain.num_features), jnp.float64)
+    features_plain, grads_plain = _forward_and_grads(plain, variables, images, weights)
+    features_fast, grads_fast = _forward_and_grads(fast, variables, images, weights)
+    assert _relative_l2(features_fast, features_plain) < OUTPUT_TOLERANCE
+    errors = jax.tree.map(_relative_l2, grads_fast, grads_plain)
+    worst = max(jax.tree.leaves(errors))
+    assert worst < GRADIENT_TOLERANCE, errors
 
 
 @pytest.mark.parametrize('image_size', [32, pytest.param(64, marks=pytest.mark.slow)])
