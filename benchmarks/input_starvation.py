@@ -94,7 +94,7 @@ def main(argv):
       iterator = pipeline.make_train_iterator(feed_config, process_index=0, process_count=1)
       results[name] = run(lambda: parallel.global_batch(next(iterator), mesh))
     base = statistics.median(results['fixed'])
-    images = config.train.batch_size * 2 * config.data.set_size
+    images = config.train.batch_size * trainer.method.images_per_example()
     for name, times in results.items():
       median = statistics.median(times)
       print(json.dumps({

@@ -164,11 +164,6 @@ class Trainer:
     return new_state, metrics
 
 
-def _images_per_step(config) -> int:
-  k = config.data.set_size if config.method == 'deepset' else 1
-  return config.train.batch_size * 2 * k
-
-
 def _mean_metrics(window: list[dict[str, jax.Array]]) -> tuple[dict[str, float], int | None]:
   """Averages a window of step metrics; also returns the index of the first non-finite step."""
   host = jax.device_get(window)
@@ -215,7 +210,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     reporter.message(f'Resuming from the checkpoint at step {start_step} in {workdir}')
   step_fn = jax.jit(trainer.train_step, donate_argnums=0,
                     out_shardings=(state_sharding, repl))
-  images_per_step = _images_per_step(config)
+  images_per_step = config.train.batch_size * trainer.method.images_per_example()
   window: list[dict[str, jax.Array]] = []
   last: dict[str, float] = {}
   tick = time.perf_counter()

@@ -54,10 +54,19 @@ class ContrastiveMethod:
         head_out=config.model.head_out,
     )
 
+  @property
+  def set_size(self) -> int:
+    """K, slices per view: data.set_size for DS-SimCLR, one slice for the other two."""
+    return self.config.data.set_size if self.config.method == 'deepset' else 1
+
+  def images_per_example(self) -> int:
+    """Slices one example sends through the encoder (two views of K slices)."""
+    return 2 * self.set_size
+
   def example_batch(self, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of one host batch (the batch contract of DESIGN.md)."""
     d = self.config.data
-    k = d.set_size if self.config.method == 'deepset' else 1
+    k = self.set_size
     return {
         'views': jax.ShapeDtypeStruct((batch_size, 2, k, d.image_size, d.image_size, d.channels),
                                       jnp.uint8),
