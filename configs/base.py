@@ -127,7 +127,10 @@ def get_config(arg=None):
   # 'linear' (logistic-regression probe) | 'knn' (weighted kNN) | 'finetune' (end to end) |
   # 'segment' (U-Net decoder on the encoder, trained end to end on voxel masks).
   c.evaluate.kind = 'linear'
-  c.evaluate.level = 'scan'  # 'scan' (mean of a scan's slice features) | 'slice' (one per slice).
+  c.evaluate.level = 'scan'  # 'scan' (one feature per scan) | 'slice' (one per slice).
+  # Scan features from slice features: 'mean' | 'set_encoder' (the pretraining run's pooling and
+  # rho; DS-SimCLR's set encoder). Frozen-feature kinds only: fine-tuning pools by the mean.
+  c.evaluate.scan_features = 'mean'
   c.evaluate.label_fraction = 1.0  # share of the labelled train scans used (stratified, seeded).
   c.evaluate.batch_size = 64  # images per encoder call during feature extraction.
   c.evaluate.weight_decays = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # probe L2 grid, chosen on val.

@@ -1,4 +1,4 @@
-"""Checkpoints (Orbax), resume, and the backbone-only export used by downstream runs.
+"""Checkpoints (Orbax), resume, and the encoder export used by downstream runs.
 
 One CheckpointManager saves two items per step: the training state pytree and the data iterator's
 state, so a resumed run continues with the very next batch. Every process calls save and restore
@@ -25,6 +25,9 @@ from dsset.config_validation import ConfigError
 
 BACKBONE_FILE = 'backbone.msgpack'
 BACKBONE_INFO_FILE = 'backbone.json'
+# The set encoder's own layers (DS-SimCLR's rho; empty without rho), for scan-level evaluation
+# with the pretrained set encoder. Its pooling and rho switches are in backbone.json's model.
+SET_ENCODER_FILE = 'set_encoder.msgpack'
 
 
 def make_manager(workdir: str, checkpoint_config) -> ocp.CheckpointManager:
@@ -74,24 +77,56 @@ def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
   return tree
 
 
+def _write_msgpack(path: str, tree: dict) -> None:
+  tree = jax.tree.map(np.asarray, jax.device_get(tree))
+  with open(path + '.tmp', 'wb') as f:
+    f.write(flax.serialization.msgpack_serialize(tree))
+  os.replace(path + '.tmp', path)
+
+
+def _subtree_or_empty(tree: dict, path: tuple[str, ...]) -> dict:
+  # A module without variables (a set encoder without rho) has no entry at all.
+  try:
+    return _subtree(tree, path)
+  except KeyError:
+    return {}
+
+
 def export_backbone(workdir: str, variables: dict, encoder_path: tuple[str, ...],
-                    model_config) -> str:
-  """Writes the encoder's params + batch_stats (msgpack) and its model config (JSON) atomically."""
+                    model_config, set_encoder_path: tuple[str, ...] | None = None) -> str:
+  """Writes the encoder's params + batch_stats (msgpack) and its model config (JSON) atomically.
+
+  set_encoder_path: where the set encoder's own layers live (rho); when given they are written to
+  SET_ENCODER_FILE so scan-level evaluation can pool slice features as pretraining did.
+  """
   encoder = {
       'params': _subtree(variables['params'], encoder_path),
       'batch_stats': _subtree(variables['batch_stats'], encoder_path),
   }
-  encoder = jax.tree.map(np.asarray, jax.device_get(encoder))
   path = os.path.join(workdir, BACKBONE_FILE)
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(flax.serialization.msgpack_serialize(encoder))
-  os.replace(tmp, path)
+  _write_msgpack(path, encoder)
+  if set_encoder_path is not None:
+    _write_msgpack(os.path.join(workdir, SET_ENCODER_FILE), {
+        'params': _subtree_or_empty(variables['params'], set_encoder_path),
+        'batch_stats': _subtree_or_empty(variables['batch_stats'], set_encoder_path),
+    })
   info_path = os.path.join(workdir, BACKBONE_INFO_FILE)
   with open(info_path + '.tmp', 'w') as f:
     json.dump({'model': model_config.to_dict(), 'encoder_path': list(encoder_path)}, f, indent=2)
   os.replace(info_path + '.tmp', info_path)
   return path
+
+
+def load_set_encoder(source_workdir: str) -> dict:
+  """Reads the set encoder's own {'params', 'batch_stats'} (rho; empty dicts without rho)."""
+  path = os.path.join(source_workdir, SET_ENCODER_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f'config key init_from={source_workdir!r}: no {SET_ENCODER_FILE} there '
+                      '(pretraining runs of this version write it); use '
+                      'evaluate.scan_features=\'mean\' or pretrain again')
+  with open(path, 'rb') as f:
+    tree = flax.serialization.msgpack_restore(f.read())
+  return {'params': tree.get('params', {}), 'batch_stats': tree.get('batch_stats', {})}
 
 
 def load_backbone(source_workdir: str) -> tuple[dict, dict]:

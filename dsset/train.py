@@ -266,7 +266,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   if is_main:
     backbone = checkpointing.export_backbone(
         workdir, {'params': state['params'], 'batch_stats': state['batch_stats']},
-        trainer.method.encoder_path, config.model)
+        trainer.method.encoder_path, config.model, trainer.method.set_encoder_path)
     reporter.message(
         f'Done: {num_steps} steps. Results in {workdir}:\n'
         f'  metrics.jsonl (per-step metrics), checkpoints/ (resume), {os.path.basename(backbone)} '

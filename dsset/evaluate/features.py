@@ -2,8 +2,15 @@
 
 Levels (config key evaluate.level):
   'slice': one feature per labelled slice (the scan's label on each of its slices).
-  'scan':  one feature per labelled scan, the mean of the features of all its slices. The mean (not
-           the sum the Deep Set uses in pretraining) keeps scans of different depth comparable.
+  'scan':  one feature per labelled scan, from the features of all its slices, pooled as config key
+           evaluate.scan_features says:
+             'mean':        their mean, for every encoder; it keeps scans of different depth
+                            comparable.
+             'set_encoder': the pretrained set encoder: its pooling (model.pooling of the
+                            pretraining run, sum or mean) and its rho when it was trained with one
+                            (model.rho). For SimCLR and PS-SimCLR runs (no rho) this is the sum or
+                            mean; for the random-init baseline, config.model's pooling and a
+                            randomly initialised rho when config.model.rho is set.
 
 The encoder is the 2D backbone alone, in eval mode (BatchNorm running statistics), either loaded
 from a pretraining workdir (config key init_from) or randomly initialised from config.model with
@@ -27,9 +34,10 @@ from dsset.config_validation import ConfigError
 # The pretraining method normalises inputs with these constants; the BatchNorm running statistics
 # of a pretrained encoder were collected on inputs scaled this way, so features must use the same.
 from dsset.methods.contrastive import INPUT_MEAN, INPUT_STD
-from dsset.models import make_backbone
+from dsset.models import SetEncoder, make_backbone
 
 LEVELS = ('slice', 'scan')
+SCAN_FEATURES = ('mean', 'set_encoder')
 RANDOM_INIT = 'random init'
 
 
@@ -85,6 +93,32 @@ class FeatureExtractor:
     self.batch_size = int(config.evaluate.batch_size)
     self.variables = self.initial_variables(config) if variables is None else variables
     self._apply = jax.jit(self._encode)
+    self.scan_features = str(config.evaluate.scan_features)
+    if self.scan_features not in SCAN_FEATURES:
+      raise ConfigError(f'config key evaluate.scan_features={self.scan_features!r} is invalid: '
+                        f'expected one of {SCAN_FEATURES}')
+    if self.scan_features == 'set_encoder':
+      self.set_encoder = SetEncoder(encoder=None, pooling=self.model_config.pooling,
+                                    rho=bool(self.model_config.rho))
+      self.set_encoder_variables = self._set_encoder_variables(config)
+
+  def _set_encoder_variables(self, config) -> dict:
+    """The pretrained set encoder's own layers, or random ones drawn with config.seed."""
+    if config.init_from:
+      return checkpointing.load_set_encoder(config.init_from)
+    features = jnp.zeros((1, 1, self.num_features))
+    rng = jax.random.key(int(config.seed) + 1, impl='rbg')  # not the encoder's draw
+    variables = self.set_encoder.init(rng, features, train=False)
+    return {'params': variables.get('params', {}), 'batch_stats': variables.get('batch_stats', {})}
+
+  def pool_scan(self, slice_features: np.ndarray) -> np.ndarray:
+    """Features [n, D] of all slices of one scan -> its scan feature [D]."""
+    if self.scan_features == 'mean':
+      return slice_features.mean(axis=0, dtype=np.float64).astype(np.float32)
+    # Not jitted: one tiny call per scan, and real scans differ in slice count.
+    pooled = self.set_encoder.apply(self.set_encoder_variables, jnp.asarray(slice_features)[None],
+                                    train=False)
+    return np.asarray(pooled[0], np.float32)
 
   def initial_variables(self, config) -> dict:
     """The encoder of config.init_from, or a random one drawn with config.seed."""
@@ -131,12 +165,11 @@ def extract_levels(config, extractor: FeatureExtractor, split: str,
 
   labelled_only: leave out scans whose label is -1 (kept, with label -1, when False).
   """
-  images, owners, labels, scan_ids = [], [], [], []
+  images, labels, scan_ids = [], [], []
   for scan in pipeline.make_eval_dataset(config, split, 'scan'):
     if labelled_only and scan['label'] < 0:
       continue
     images.append(scan['slices'])
-    owners.append(np.full(len(scan['slices']), len(labels)))
     labels.append(int(scan['label']))
     scan_ids.append(int(scan['scan_id']))
   if not images:
@@ -144,14 +177,14 @@ def extract_levels(config, extractor: FeatureExtractor, split: str,
                           np.zeros(0, np.int32), np.zeros(0, np.int32))
     return {level: empty for level in LEVELS}
   slice_features = extractor(np.concatenate(images))
-  owners = np.concatenate(owners)
+  counts = np.asarray([len(slices) for slices in images])
+  owners = np.repeat(np.arange(len(images)), counts)
   labels, scan_ids = np.asarray(labels, np.int32), np.asarray(scan_ids, np.int32)
-  sums = np.zeros((len(labels), slice_features.shape[1]), np.float64)
-  np.add.at(sums, owners, slice_features)
-  counts = np.bincount(owners, minlength=len(labels))[:, None]
+  scan_features = np.stack([extractor.pool_scan(f)
+                            for f in np.split(slice_features, np.cumsum(counts)[:-1])])
   return {
       'slice': SplitFeatures(slice_features, labels[owners], scan_ids[owners]),
-      'scan': SplitFeatures((sums / counts).astype(np.float32), labels, scan_ids),
+      'scan': SplitFeatures(scan_features, labels, scan_ids),
   }
 
 

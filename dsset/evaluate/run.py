@@ -33,6 +33,10 @@ def _check(config) -> None:
                       f'{features.LEVELS}')
   if not isinstance(ev.knn_k, int) or ev.knn_k < 1:
     raise ConfigError(f'config key evaluate.knn_k={ev.knn_k!r} is invalid: expected an integer > 0')
+  if ev.kind == 'finetune' and ev.scan_features != 'mean':
+    raise ConfigError(f'config key evaluate.scan_features={ev.scan_features!r} is not supported '
+                      "with evaluate.kind='finetune': its head is trained on the mean of slice "
+                      "features; use 'mean'")
   if not ev.weight_decays:
     raise ConfigError('config key evaluate.weight_decays is empty: give at least one value')
 
@@ -113,6 +117,7 @@ def _evaluate_classification(config, workdir: str) -> dict[str, Any]:
       'init_from': config.init_from,
       'kind': ev.kind,
       'level': ev.level,
+      'scan_features': ev.scan_features,
       'label_fraction': float(ev.label_fraction),
       'seed': int(config.seed),
       'backbone': extractor.model_config.backbone,

@@ -43,6 +43,8 @@ class ContrastiveMethod:
   # Where the transferable 2D encoder lives inside the variables (for export and init_from): a
   # Linen module passed as an attribute is named after the first parent attribute that holds it.
   encoder_path = ('backbone',)
+  # The set encoder's own layers (rho), exported for scan-level evaluation.
+  set_encoder_path = ('set_encoder',)
 
   def __init__(self, config):
     self.config = config

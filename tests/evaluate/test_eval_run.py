@@ -14,6 +14,7 @@ from dsset import checkpointing, embed
 from dsset.config_validation import ConfigError
 from dsset.evaluate import features, run
 from dsset.evaluate import finetune as finetune_lib
+from dsset.methods.contrastive import ContrastiveMethod
 
 
 def tiny_eval_config(module, **evaluate):
@@ -117,3 +118,54 @@ def test_embed_writes_slice_and_scan_embeddings_of_every_split(tmp_path):
       arrays['slice_scan_ids'] == arrays['scan_ids'][0])
   np.testing.assert_allclose(arrays['slice_features'][first].mean(0), arrays['scan_features'][0],
                              rtol=1e-5, atol=1e-6)
+
+
+def _np_rho(params, stats, pooled):
+  """rho = Dense - BatchNorm (running statistics) - ReLU - Dense, written out in numpy."""
+  h = pooled @ params['rho_hidden']['kernel'] + params['rho_hidden']['bias']
+  norm, bn = params['rho_norm'], stats['rho_norm']
+  h = (h - bn['mean']) / np.sqrt(bn['var'] + 1e-5) * norm['scale'] + norm['bias']
+  return np.maximum(h, 0) @ params['rho_out']['kernel'] + params['rho_out']['bias']
+
+
+def test_scan_features_from_the_pretrained_set_encoder(tmp_path):
+  # A DS-SimCLR run with rho, exported as dsset.main exports it: the scan feature must be
+  # rho(sum of the scan's slice features) with the exported rho, not the mean.
+  config = tiny_eval_config(linear_eval, scan_features='set_encoder')
+  config.method, config.model.rho, config.model.pooling = 'deepset', True, 'sum'
+  config.model.head_hidden, config.model.head_out = 16, 8
+  method = ContrastiveMethod(config)
+  variables = jax.device_get(jax.jit(method.init)(jax.random.key(3)))
+  # Running statistics away from their initial values, so that using them is tested too.
+  stats = variables['batch_stats']['set_encoder']['rho_norm']
+  stats['mean'] = np.random.default_rng(0).normal(size=stats['mean'].shape).astype(np.float32)
+  stats['var'] = np.full_like(stats['var'], 4.0)
+  path = tmp_path / 'pretrain'
+  os.makedirs(path)
+  checkpointing.export_backbone(str(path), variables, method.encoder_path, config.model,
+                                method.set_encoder_path)
+  with open(path / 'config.json', 'w') as f:
+    json.dump({'method': 'deepset'}, f)
+  config.init_from = str(path)
+
+  embed.embed(config, str(tmp_path / 'emb.npz'))
+  arrays = np.load(tmp_path / 'emb.npz')
+  first = (arrays['slice_splits'] == arrays['scan_splits'][0]) & (
+      arrays['slice_scan_ids'] == arrays['scan_ids'][0])
+  expected = _np_rho(variables['params']['set_encoder'], variables['batch_stats']['set_encoder'],
+                     arrays['slice_features'][first].sum(0))
+  np.testing.assert_allclose(arrays['scan_features'][0], expected, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(arrays['scan_features'][0], arrays['slice_features'][first].mean(0))
+
+  result = run.evaluate(config, str(tmp_path / 'eval'))
+  assert (result['method'], result['scan_features']) == ('deepset', 'set_encoder')
+
+
+def test_set_encoder_scan_features_need_a_set_encoder_export(tmp_path):
+  config = tiny_eval_config(linear_eval, scan_features='set_encoder')
+  _fake_pretraining_run(tmp_path / 'pretrain', config)  # an export without set_encoder.msgpack
+  config.init_from = str(tmp_path / 'pretrain')
+  with pytest.raises(ConfigError, match='set_encoder.msgpack'):
+    run.evaluate(config, str(tmp_path / 'eval'))
+  with pytest.raises(ConfigError, match='scan_features'):
+    run.evaluate(tiny_eval_config(finetune, scan_features='set_encoder'), str(tmp_path / 'ft'))

@@ -147,3 +147,17 @@ def test_unknown_pooling_raises(sets):
   x, mask = sets
   with pytest.raises(ValueError, match='model.pooling'):
     jax.eval_shape(lambda: make('max').init(jax.random.key(0), x, mask))
+
+
+@pytest.mark.parametrize('config', [('sum', False), ('mean', True)])
+def test_without_encoder_pools_precomputed_features_the_same_way(sets, encoders, config):
+  # Scan-level evaluation encodes slices once, then applies the set encoder's pooling and rho
+  # (encoder=None) with the pretrained set encoder's own variables.
+  x, _ = sets
+  model, variables, eval_step, _ = encoders[config]
+  slice_features = phi().apply({c: v['encoder'] for c, v in variables.items()},
+                               x.reshape(B * K, SIZE, SIZE, 1)).reshape(B, K, -1)
+  own = {c: {k: v for k, v in tree.items() if k != 'encoder'} for c, tree in variables.items()}
+  pooled = models.SetEncoder(encoder=None, pooling=model.pooling, rho=model.rho).apply(
+      own, slice_features)
+  close(pooled, eval_step(variables, x, None)[0])
