@@ -1,8 +1,9 @@
-"""The one place where the encoders' convolutions and max-pools are computed.
+"""The one place where the encoders' convolutions, max-pools and BatchNorms are computed.
 
-Every convolution of the ResNets goes through `Conv` and every max-pool through `max_pool`, so that
-backend-specific rewrites of these ops (for XLA:CPU, see notes/cpu-performance.md) can be switched
-on in one spot with the `fast` flag without touching the network definitions.
+Every convolution of the ResNets goes through `Conv`, every max-pool through `max_pool` and every
+BatchNorm through `batch_norm`, so that backend-specific rewrites of these ops (for XLA:CPU, see
+notes/cpu-performance.md and docs/performance.md) can be switched on in one spot with the `fast`
+flag without touching the network definitions.
 """
 
 from typing import Any, Sequence
@@ -11,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsset.ops import cpu_conv, cpu_pool
+from dsset.ops import cpu_batch_norm, cpu_conv, cpu_pool
 
 # torchvision initialises ResNet convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -72,3 +73,42 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], pa
   return jax.lax.reduce_window(
       x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1),
       ((0, 0), *padding, (0, 0)))
+
+
+class BatchNorm(nn.Module):
+  """flax.linen.BatchNorm (channels last, fast variance) with its train-mode statistics computed by
+  dsset.ops.cpu_batch_norm. Same variables and names ('scale', 'bias'; 'mean', 'var'), and the class
+  name makes Flax auto-name it like nn.BatchNorm, so parameters move freely between the two paths.
+  """
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    features = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, features, self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, scale)
+    if self.use_running_average:
+      inv = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+      return ((x - ra_mean.value) * inv + bias).astype(dtype)
+    stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    y, mean, var = cpu_batch_norm.batch_norm_train(
+        x, scale.astype(stats_dtype), bias.astype(stats_dtype), self.epsilon, mask)
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y.astype(dtype)
+
+
+def batch_norm(train: bool, dtype: Any, fast: bool = False) -> nn.Module:
+  """BatchNorm with torchvision's settings; `fast` computes its statistics with dots (CPU)."""
+  # Flax momentum 0.9 == torch momentum 0.1; epsilon as torch. Scale starts at 1 (torchvision).
+  norm = BatchNorm if fast else nn.BatchNorm
+  return norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+              param_dtype=jnp.float32)

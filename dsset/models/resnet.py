@@ -31,8 +31,8 @@ class _Block(nn.Module):
     return layers.Conv(features, (kernel, kernel), (strides, strides), _pad(kernel),
                        dtype=self.dtype, fast=self.cpu_fast_path)
 
-  def norm(self, train: bool) -> nn.BatchNorm:
-    return batch_norm(train, self.dtype)
+  def norm(self, train: bool) -> nn.Module:
+    return layers.batch_norm(train, self.dtype, self.cpu_fast_path)
 
   def shortcut(self, x: jax.Array, out_features: int, train: bool,
                mask: jax.Array | None) -> jax.Array:
@@ -40,13 +40,6 @@ class _Block(nn.Module):
     if self.strides == 1 and x.shape[-1] == out_features:
       return x
     return self.norm(train)(self.conv(out_features, 1, self.strides)(x), mask=mask)
-
-
-def batch_norm(train: bool, dtype: Any) -> nn.BatchNorm:
-  """BatchNorm with torchvision's settings (also used by the decoders built on these encoders)."""
-  # Flax momentum 0.9 == torch momentum 0.1; epsilon as torch. Scale starts at 1 (torchvision).
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      param_dtype=jnp.float32)
 
 
 class BasicBlock(_Block):
@@ -119,7 +112,7 @@ class ResNet(nn.Module):
     kernel, stride = (3, 1) if self.small_stem else (7, 2)
     x = layers.Conv(self.stage_width(0), (kernel, kernel), (stride, stride), _pad(kernel),
                     dtype=self.dtype, fast=self.cpu_fast_path)(x)
-    x = nn.relu(batch_norm(train, self.dtype)(x, mask=bn_mask))
+    x = nn.relu(layers.batch_norm(train, self.dtype, self.cpu_fast_path)(x, mask=bn_mask))
     maps = [x]
     if not self.small_stem:
       x = layers.max_pool(x, (3, 3), (2, 2), _pad(3), fast=self.cpu_fast_path)

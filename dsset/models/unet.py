@@ -37,7 +37,7 @@ class ConvBlock(nn.Module):
     for _ in range(2):
       x = layers.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                       fast=self.cpu_fast_path)(x)
-      x = nn.relu(resnet.batch_norm(train, self.dtype)(x))
+      x = nn.relu(layers.batch_norm(train, self.dtype, self.cpu_fast_path)(x))
     return x
 
 

@@ -38,3 +38,18 @@ def conv3x3_shapes(backbone: str, image_size: int) -> set[tuple[int, int, int, i
   else:
     raise ValueError(backbone)
   return shapes
+
+
+def batch_norm_shapes(backbone: str, image_size: int) -> set[tuple[int, int]]:
+  """Every BatchNorm input of the network as (map side, channels), stem included."""
+  shapes = {(stem_pool_input(image_size), 64)}
+  expansion = 1 if backbone == 'resnet18' else 4
+  for side, _, width, stride in conv3x3_shapes(backbone, image_size):
+    out = _after_3x3(side, stride)
+    shapes.add((out, width))  # after the 3x3 conv
+    if expansion > 1:
+      shapes.add((side, width))  # after the first 1x1 conv of a bottleneck
+      shapes.add((out, width * expansion))  # after the last 1x1 conv and on the shortcut
+    elif stride > 1:
+      shapes.add((out, width))  # the shortcut's 1x1 conv
+  return shapes
