@@ -51,12 +51,18 @@ class EpochShuffle(grain.transforms.MapWithIndex):
     return int(order[position])
 
 
-def make_train_dataset(config, *, process_index: int, process_count: int) -> grain.IterDataset:
-  """The training IterDataset of one host (see the module docstring)."""
+def make_train_dataset(config, *, process_index: int, process_count: int,
+                       source=None) -> grain.IterDataset:
+  """The training IterDataset of one host (see the module docstring).
+
+  source: the train split's source when the caller has built it already (building a NIfTI or
+  DICOM folder's source reads every header).
+  """
   if config.train.batch_size % process_count:
     raise DataError(f'config key train.batch_size={config.train.batch_size} is not divisible by '
                     f'the {process_count} processes')
-  source = sources.make_source(config.data, 'train')
+  if source is None:
+    source = sources.make_source(config.data, 'train')
   sampler = samplers.make_sampler(config, source)
   num_records = _num_records(source, sampler)
   if not num_records:
@@ -85,18 +91,19 @@ def make_train_dataset(config, *, process_index: int, process_count: int) -> gra
 
 
 def make_train_iterator(config, *, process_index: int | None = None,
-                        process_count: int | None = None) -> grain.DatasetIterator:
+                        process_count: int | None = None, source=None) -> grain.DatasetIterator:
   """Infinite iterator of host-local training batches; checkpointable with get_state/set_state.
 
   Each batch: views uint8 [B, 2, K, H, W, C], mask bool [B, 2, K], scan_id int32 [B],
   label int32 [B], with B = train.batch_size // process_count. Process index and count default to
-  JAX's.
+  JAX's; source as for make_train_dataset.
   """
   if process_index is None or process_count is None:
     import jax  # Imported only here: the data pipeline itself does not need JAX.
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  dataset = make_train_dataset(config, process_index=process_index, process_count=process_count)
+  dataset = make_train_dataset(config, process_index=process_index, process_count=process_count,
+                               source=source)
   return iter(dataset)
 
 

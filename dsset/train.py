@@ -185,15 +185,16 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   parallel.check_batch_size(config.train.batch_size, mesh)
   is_main = jax.process_index() == 0
 
-  num_classes = make_source(config.data, 'train').num_classes
-  trainer = Trainer(config, num_classes)
+  # Built once: the pipeline reuses it (a NIfTI or DICOM folder's source reads every header).
+  train_source = make_source(config.data, 'train')
+  trainer = Trainer(config, train_source.num_classes)
   repl = parallel.replicated(mesh)
   abstract = jax.eval_shape(trainer.init_state, jax.random.PRNGKey(config.seed))
   state_sharding = jax.tree.map(lambda _: repl, abstract)
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
                           abstract)
 
-  train_iter = pipeline.make_train_iterator(config)
+  train_iter = pipeline.make_train_iterator(config, source=train_source)
   manager = checkpointing.make_manager(workdir, config.checkpoint)
   start_step = manager.latest_step() or 0
   if start_step:

@@ -104,3 +104,20 @@ def test_unwritable_workdir_is_reported_before_training(tmp_path):
   blocker.write_text('not a folder')
   with pytest.raises(ConfigError, match='not a writable folder'):
     train.train_and_evaluate(tiny_config('simclr'), str(blocker / 'run'))
+
+
+def test_train_split_source_is_built_once(tmp_path, monkeypatch):
+  # Building a NIfTI or DICOM folder's source reads every header: the loop and the pipeline share
+  # one source.
+  import data_pipelines.sources as sources
+  calls = []
+  real = sources.make_source
+
+  def counting(data_config, split):
+    calls.append(split)
+    return real(data_config, split)
+
+  monkeypatch.setattr(sources, 'make_source', counting)
+  monkeypatch.setattr(train, 'make_source', counting)
+  train.train_and_evaluate(tiny_config('simclr', **{'train.num_steps': 1}), str(tmp_path))
+  assert calls.count('train') == 1
