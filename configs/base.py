@@ -61,6 +61,9 @@ def get_config(arg=None):
   c.data.test_fraction = 0.15
   c.data.phantom = ml_collections.ConfigDict()
   c.data.phantom.num_scans = 48
+  # Held-out scans beyond num_scans, half to val and half to test (a multiple of 8): more evaluation
+  # scans without changing the train split that pretraining used.
+  c.data.phantom.extra_eval_scans = 0
   c.data.phantom.depth = 32
   c.data.phantom.height = 64
   c.data.phantom.width = 64

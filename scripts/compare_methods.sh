@@ -17,12 +17,14 @@ python=${PYTHON:-python}
 
 # Quick CPU settings: shared by pretraining and evaluation so the encoder and data match. The
 # phantom keeps its 64 px slices (at 32 px its labelled object is 2-5 pixels wide) and has 192
-# scans, so that the probe is tested on 28 scans rather than 8.
+# scans (136 train) plus 512 held-out ones that only evaluation sees (256 more val and 256 more
+# test scans): with 28 test scans one scan is worth 3.6 points of accuracy.
 common=(
   --config.model.backbone=resnet10
   --config.model.width_multiplier=0.5
   --config.data.image_size=64
   --config.data.phantom.num_scans=192
+  --config.data.phantom.extra_eval_scans=512
 )
 # Temperature 0.1 (SimCLR's paper) rather than the reference code's 0.5: measured against each other
 # in docs/reproducing.md.

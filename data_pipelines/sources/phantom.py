@@ -64,6 +64,23 @@ def _split_indices(num_scans: int, num_classes: int, val_fraction: float, test_f
           for split, b in blocks.items()}
 
 
+def _extra_eval_indices(num_scans: int, extra: int, num_classes: int) -> dict[str, np.ndarray]:
+  """Held-out scans num_scans .. num_scans + extra - 1, half to val and half to test.
+
+  They come after every scan of the regular splits, so adding them leaves the train split (and so
+  pretraining) exactly as it was while evaluation gets more scans: with a few dozen test scans one
+  scan moves accuracy by several points. Blocks of num_classes scans alternate between test and val,
+  so both stay class-balanced.
+  """
+  if extra < 0 or extra % (2 * num_classes):
+    raise DataError(f'config key data.phantom.extra_eval_scans={extra} is invalid: expected a '
+                    f'non-negative multiple of {2 * num_classes} (whole class-balanced blocks for '
+                    'val and test)')
+  blocks = (num_scans + np.arange(extra).reshape(-1, num_classes))
+  return {'train': np.zeros(0, np.int64), 'test': blocks[0::2].ravel(),
+          'val': blocks[1::2].ravel()}
+
+
 def _ellipse(y, x, centre_y, centre_x, radius_y, radius_x):
   """Boolean mask of an axis-aligned ellipse; radii may vary per slice (broadcast over D)."""
   with np.errstate(divide='ignore', invalid='ignore'):
@@ -168,10 +185,11 @@ class PhantomSource:
     self._seed = int(phantom.seed)
     self._noise_hu = float(phantom.noise_hu)
     self._intensity = intensity.IntensitySettings.from_config(data_config)
-    splits = _split_indices(int(phantom.num_scans), len(CLASS_NAMES),
-                            float(data_config.val_fraction), float(data_config.test_fraction),
-                            self._seed)
-    self._indices = splits[split]
+    num_scans = int(phantom.num_scans)
+    splits = _split_indices(num_scans, len(CLASS_NAMES), float(data_config.val_fraction),
+                            float(data_config.test_fraction), self._seed)
+    self._indices = np.concatenate([splits[split], _extra_eval_indices(
+        num_scans, int(phantom.get('extra_eval_scans', 0)), len(CLASS_NAMES))[split]])
 
   @property
   def num_classes(self) -> int:

@@ -58,6 +58,31 @@ def test_splits_are_disjoint_complete_and_balanced():
   assert (len(names['train']), len(names['val']), len(names['test'])) == (32, 8, 8)
 
 
+def _scan_ids(config, split):
+  source = phantom.make_source(config, split)
+  return [source[i].scan_id for i in range(len(source))], [source[i].label for i in range(len(source))]
+
+
+def test_extra_eval_scans_grow_val_and_test_but_leave_train_alone():
+  before = {split: _scan_ids(data_config(num_scans=16), split) for split in ('train', 'val', 'test')}
+  after = {split: _scan_ids(data_config(num_scans=16, extra_eval_scans=16), split)
+           for split in ('train', 'val', 'test')}
+  assert after['train'] == before['train']
+  for split in ('val', 'test'):
+    ids, labels = after[split]
+    assert ids[:len(before[split][0])] == before[split][0]  # the regular scans come first
+    added = ids[len(before[split][0]):]
+    assert len(added) == 8 and all(int(name.split('_')[1]) >= 16 for name in added)
+    assert np.bincount(labels, minlength=4).tolist() == [len(labels) // 4] * 4
+  assert not set(after['val'][0]) & set(after['test'][0])
+
+
+@pytest.mark.parametrize('extra', [-8, 4, 12])
+def test_extra_eval_scans_must_be_whole_balanced_blocks(extra):
+  with pytest.raises(DataError, match='data.phantom.extra_eval_scans'):
+    phantom.make_source(data_config(extra_eval_scans=extra), 'test')
+
+
 def test_too_few_scans_for_the_fractions_is_a_config_error():
   with pytest.raises(DataError, match='data.phantom.num_scans'):
     phantom.make_source(data_config(num_scans=8), 'train')
