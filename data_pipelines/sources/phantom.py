@@ -189,7 +189,7 @@ class PhantomSource:
     splits = _split_indices(num_scans, len(CLASS_NAMES), float(data_config.val_fraction),
                             float(data_config.test_fraction), self._seed)
     self._indices = np.concatenate([splits[split], _extra_eval_indices(
-        num_scans, int(phantom.get('extra_eval_scans', 0)), len(CLASS_NAMES))[split]])
+        num_scans, int(phantom.extra_eval_scans), len(CLASS_NAMES))[split]])
 
   @property
   def num_classes(self) -> int:

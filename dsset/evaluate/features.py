@@ -88,15 +88,16 @@ class FeatureExtractor:
 
   def __init__(self, config, variables: dict | None = None):
     """variables: the encoder's {'params', 'batch_stats'} to use instead of init_from/random."""
+    # Checked first, so a bad value stops the run before an encoder is loaded or initialised.
+    self.scan_features = str(config.evaluate.scan_features)
+    if self.scan_features not in SCAN_FEATURES:
+      raise ConfigError(f'config key evaluate.scan_features={self.scan_features!r} is invalid: '
+                        f'expected one of {SCAN_FEATURES}')
     self.model_config = encoder_model_config(config)
     self.backbone = make_backbone(self.model_config)
     self.batch_size = int(config.evaluate.batch_size)
     self.variables = self.initial_variables(config) if variables is None else variables
     self._apply = jax.jit(self._encode)
-    self.scan_features = str(config.evaluate.scan_features)
-    if self.scan_features not in SCAN_FEATURES:
-      raise ConfigError(f'config key evaluate.scan_features={self.scan_features!r} is invalid: '
-                        f'expected one of {SCAN_FEATURES}')
     if self.scan_features == 'set_encoder':
       self.set_encoder = SetEncoder(encoder=None, pooling=self.model_config.pooling,
                                     rho=bool(self.model_config.rho))
