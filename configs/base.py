@@ -64,6 +64,10 @@ def get_config(arg=None):
   # Held-out scans beyond num_scans, half to val and half to test (a multiple of 8): more evaluation
   # scans without changing the train split that pretraining used.
   c.data.phantom.extra_eval_scans = 0
+  # Labelled scans added to the train split after all others (a multiple of 4). Meant for evaluation
+  # runs: a linear probe on scan features gets more labels than the handful of scans pretraining
+  # used, none of which the pretrained encoder saw. Pretraining with it simply trains on more scans.
+  c.data.phantom.extra_train_scans = 0
   c.data.phantom.depth = 32
   c.data.phantom.height = 64
   c.data.phantom.width = 64

@@ -64,21 +64,26 @@ def _split_indices(num_scans: int, num_classes: int, val_fraction: float, test_f
           for split, b in blocks.items()}
 
 
-def _extra_eval_indices(num_scans: int, extra: int, num_classes: int) -> dict[str, np.ndarray]:
-  """Held-out scans num_scans .. num_scans + extra - 1, half to val and half to test.
+def _extra_indices(num_scans: int, extra_eval: int, extra_train: int,
+                   num_classes: int) -> dict[str, np.ndarray]:
+  """Scans added after the regular ones: extra_eval held-out val/test scans, then extra_train ones.
 
-  They come after every scan of the regular splits, so adding them leaves the train split (and so
-  pretraining) exactly as it was while evaluation gets more scans: with a few dozen test scans one
-  scan moves accuracy by several points. Blocks of num_classes scans alternate between test and val,
-  so both stay class-balanced.
+  The held-out scans (num_scans .. num_scans + extra_eval - 1) go half to val and half to test:
+  with a few dozen test scans one scan moves accuracy by several points. Blocks of num_classes scans
+  alternate between test and val, so both stay class-balanced. The extra train scans come after
+  them, so that either count can change without moving the other's scans. Neither touches the
+  regular splits: an evaluation can add labelled train scans that its pretraining run never saw.
   """
-  if extra < 0 or extra % (2 * num_classes):
-    raise DataError(f'config key data.phantom.extra_eval_scans={extra} is invalid: expected a '
+  if extra_eval < 0 or extra_eval % (2 * num_classes):
+    raise DataError(f'config key data.phantom.extra_eval_scans={extra_eval} is invalid: expected a '
                     f'non-negative multiple of {2 * num_classes} (whole class-balanced blocks for '
                     'val and test)')
-  blocks = (num_scans + np.arange(extra).reshape(-1, num_classes))
-  return {'train': np.zeros(0, np.int64), 'test': blocks[0::2].ravel(),
-          'val': blocks[1::2].ravel()}
+  if extra_train < 0 or extra_train % num_classes:
+    raise DataError(f'config key data.phantom.extra_train_scans={extra_train} is invalid: expected '
+                    f'a non-negative multiple of {num_classes} (whole class-balanced blocks)')
+  blocks = (num_scans + np.arange(extra_eval).reshape(-1, num_classes))
+  return {'train': num_scans + extra_eval + np.arange(extra_train),
+          'test': blocks[0::2].ravel(), 'val': blocks[1::2].ravel()}
 
 
 def _ellipse(y, x, centre_y, centre_x, radius_y, radius_x):
@@ -188,8 +193,9 @@ class PhantomSource:
     num_scans = int(phantom.num_scans)
     splits = _split_indices(num_scans, len(CLASS_NAMES), float(data_config.val_fraction),
                             float(data_config.test_fraction), self._seed)
-    self._indices = np.concatenate([splits[split], _extra_eval_indices(
-        num_scans, int(phantom.extra_eval_scans), len(CLASS_NAMES))[split]])
+    extra = _extra_indices(num_scans, int(phantom.extra_eval_scans),
+                           int(phantom.extra_train_scans), len(CLASS_NAMES))
+    self._indices = np.concatenate([splits[split], extra[split]])
 
   @property
   def num_classes(self) -> int:

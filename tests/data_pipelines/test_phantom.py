@@ -83,6 +83,26 @@ def test_extra_eval_scans_must_be_whole_balanced_blocks(extra):
     phantom.make_source(data_config(extra_eval_scans=extra), 'test')
 
 
+def test_extra_train_scans_grow_train_only_with_scans_no_other_split_has():
+  before = {split: _scan_ids(data_config(num_scans=16, extra_eval_scans=16), split)
+            for split in ('train', 'val', 'test')}
+  after = {split: _scan_ids(data_config(num_scans=16, extra_eval_scans=16, extra_train_scans=12),
+                            split) for split in ('train', 'val', 'test')}
+  assert after['val'] == before['val'] and after['test'] == before['test']
+  ids, labels = after['train']
+  assert ids[:len(before['train'][0])] == before['train'][0]
+  added = ids[len(before['train'][0]):]
+  # Numbered after the regular scans and the held-out ones, so neither moves.
+  assert sorted(int(name.split('_')[1]) for name in added) == list(range(32, 44))
+  assert np.bincount(labels, minlength=4).tolist() == [len(labels) // 4] * 4
+
+
+@pytest.mark.parametrize('extra', [-4, 2, 6])
+def test_extra_train_scans_must_be_whole_balanced_blocks(extra):
+  with pytest.raises(DataError, match='data.phantom.extra_train_scans'):
+    phantom.make_source(data_config(extra_train_scans=extra), 'train')
+
+
 def test_too_few_scans_for_the_fractions_is_a_config_error():
   with pytest.raises(DataError, match='data.phantom.num_scans'):
     phantom.make_source(data_config(num_scans=8), 'train')

@@ -25,7 +25,8 @@ def test_compare_methods_script_runs_end_to_end(tmp_path):
       '--config.data.phantom.num_scans=16', '--config.data.phantom.depth=8',
       '--config.data.phantom.height=32', '--config.data.phantom.width=32',
       '--config.model.head_hidden=32', '--config.model.head_out=16', '--config.train.batch_size=8',
-      '--config.train.warmup_steps=1', '--config.evaluate.probe_steps=20'])
+      '--config.train.warmup_steps=1', '--config.evaluate.probe_steps=20',
+      '--config.data.phantom.extra_train_scans=0'])
   env = {**os.environ, 'STEPS': '2', 'EXTRA': extra, 'PYTHON': sys.executable}
   proc = subprocess.run(['bash', SCRIPT, str(tmp_path), '1'], capture_output=True, text=True,
                         env=env, cwd=os.path.dirname(os.path.dirname(SCRIPT)), check=False)
