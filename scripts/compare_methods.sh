@@ -6,13 +6,15 @@
 # Usage: scripts/compare_methods.sh [OUT_DIR] [NUM_SEEDS]
 #   OUT_DIR    folder for every run and the report (default: runs/compare)
 #   NUM_SEEDS  seeds per method (default: 3)
-# Environment: STEPS (pretraining steps, default 1000) and EXTRA (more --config.* overrides, applied
+# Environment: STEPS (pretraining steps, default 3000) and EXTRA (more --config.* overrides, applied
 # to pretraining and evaluation alike) change the quick CPU settings below.
 set -euo pipefail
 
 out_dir=${1:-runs/compare}
 num_seeds=${2:-3}
-steps=${STEPS:-1000}
+# 3000 steps: at 1000 every method was still undertrained and DS-SimCLR no better than random init;
+# 3000 improved every method (docs/reproducing.md). About 2 hours in all on 2 CPU cores.
+steps=${STEPS:-3000}
 python=${PYTHON:-python}
 
 # Quick CPU settings: shared by pretraining and evaluation so the encoder and data match. The
