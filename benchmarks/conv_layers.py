@@ -31,8 +31,7 @@ from dsset.models import layers  # noqa: E402
 
 def resnet18_convs(image_size: int) -> list[dict]:
   """(name, input map, in/out channels, kernel, stride) of every distinct ResNet-18 convolution."""
-  stem_out = image_size // 2
-  size = stem_out // 2  # after the stem's stride and the max-pool
+  size = image_size // 4  # after the stem's stride and the max-pool
   shapes = [dict(name='stem', size=image_size, cin=1, cout=64, kernel=7, stride=2, input_grad=False)]
   cin = 64
   for stage, width in enumerate((64, 128, 256, 512)):
@@ -86,11 +85,11 @@ def torch_step(shape: dict, batch: int):
 
 def measure(shape: dict, batch: int, warmup: int, steps: int, with_torch: bool) -> dict:
   """The JSON record of one convolution shape."""
-  result = {'benchmark': 'conv_layers', **shape, 'batch': batch,
-            'gflop': round(_flops(shape, batch) / 1e9, 3)}
+  gflop = _flops(shape, batch) / 1e9
+  result = {'benchmark': 'conv_layers', **shape, 'batch': batch, 'gflop': round(gflop, 3)}
   seconds = statistics.median(timing.step_seconds(jax_step(shape, batch), warmup, steps))
   result['jax_ms'] = round(1e3 * seconds, 2)
-  result['jax_gflop_per_s'] = round(_flops(shape, batch) / 1e9 / seconds, 1)
+  result['jax_gflop_per_s'] = round(gflop / seconds, 1)
   if with_torch:
     seconds = statistics.median(timing.step_seconds(torch_step(shape, batch), warmup, steps))
     result['torch_ms'] = round(1e3 * seconds, 2)
@@ -114,6 +113,7 @@ def main(argv=None) -> None:
   for shape in resnet18_convs(args.image_size):
     timing.emit(measure(shape, args.batch, args.warmup, args.steps, with_torch)
                 | {'image_size': args.image_size})
+
 
 if __name__ == '__main__':
   main()
