@@ -11,25 +11,23 @@ Padded (masked) slices are drawn as an empty, hatched panel.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipelines import pipeline
+from dsset import augment
+
 
 def _augment(config, views: np.ndarray) -> np.ndarray:
-  """views uint8 [B, 2, K, H, W, C] -> float [B, 2, K, H, W, C] in [0, 1], augmented on device.
+  """views uint8 [B, 2, K, H, W, C] -> float [B, 2, K, S, S, C] in [0, 1], augmented on device.
 
-  Calls augment_views(key, views float32 in [0, 1], config.augment).
+  S is data.image_size, the size training crops back to, so the grid shows what the model sees.
   """
-  try:
-    from dsset import augment  # pylint: disable=g-import-not-at-top
-    augment_views = augment.augment_views
-  except (ImportError, AttributeError) as e:
-    raise app.UsageError(f'--augmented needs dsset.augment.augment_views ({e})') from e
-  import jax  # pylint: disable=g-import-not-at-top
-  return np.asarray(augment_views(jax.random.key(int(config.seed)),
-                                  views.astype(np.float32) / 255.0, config.augment))
+  return np.asarray(augment.augment_views(jax.random.key(int(config.seed)),
+                                          views.astype(np.float32) / 255.0, config.augment,
+                                          int(config.data.image_size)))
 
 
 def _rows(config, batch: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
