@@ -9,8 +9,10 @@ dsset code can touch JAX. The flag is ignored on GPU/TPU backends.
 
 An unknown flag in XLA_FLAGS aborts the process, so the flag is added only for the jaxlib versions
 where it was verified to exist: 0.9.0 and 0.10.0 (run here with the flag) and 0.10.2 (the project's
-pin); 0.8.0 lacks it. Other versions are left alone until checked. The user's own XLA_FLAGS setting
-of the flag wins, and DSSET_NO_CPU_FLAGS=1 turns this off.
+pin); 0.8.0 lacks it. Other versions are left alone until checked; for a jaxlib newer than that
+range a one-line warning says the speed-up is off and how to add the flag by hand, since otherwise
+nobody would notice. The user's own XLA_FLAGS setting of the flag wins, and DSSET_NO_CPU_FLAGS=1
+turns all of this off, warning included.
 """
 
 import importlib.metadata
@@ -31,17 +33,27 @@ def _release(version: str) -> tuple[int, int, int] | None:
   return tuple(int(part) for part in match.groups()) if match else None
 
 
+def _user_decided(environ: dict[str, str]) -> bool:
+  """The user opted out or set the flag: then dsset neither adds it nor warns about it."""
+  return (environ.get(OPT_OUT_VARIABLE, '') not in ('', '0')
+          or FLAG in environ.get('XLA_FLAGS', ''))
+
+
 def flag_applies(jaxlib_version: str | None, environ: dict[str, str]) -> bool:
   """Whether the flag should be added for this jaxlib version and environment."""
-  if environ.get(OPT_OUT_VARIABLE, '') not in ('', '0'):
-    return False
-  if FLAG in environ.get('XLA_FLAGS', ''):
-    return False
-  if jaxlib_version is None:
+  if _user_decided(environ) or jaxlib_version is None:
     return False
   release = _release(jaxlib_version)
   first, last = SUPPORTED_JAXLIB
   return release is not None and first <= release <= last
+
+
+def newer_than_checked(jaxlib_version: str | None, environ: dict[str, str]) -> bool:
+  """Whether the flag is left out only because this jaxlib is newer than the checked range."""
+  if _user_decided(environ) or jaxlib_version is None:
+    return False
+  release = _release(jaxlib_version)
+  return release is not None and release > SUPPORTED_JAXLIB[1]
 
 
 def _jaxlib_version() -> str | None:
@@ -58,9 +70,40 @@ def _backend_started() -> bool:
   return bool(started and started())
 
 
+def _dotted(release: tuple[int, int, int]) -> str:
+  return '.'.join(map(str, release))
+
+
+# The warnings module's own once-per-location rule is off under simplefilter('always') (pytest,
+# python -W always); this keeps the warning to one per process whoever calls configure().
+_warned_newer_jaxlib = False
+
+
+def _warn_newer_jaxlib(jaxlib_version: str) -> None:
+  global _warned_newer_jaxlib
+  if _warned_newer_jaxlib:
+    return
+  _warned_newer_jaxlib = True
+  first, last = SUPPORTED_JAXLIB
+  warnings.warn(
+      f'jaxlib {jaxlib_version} is newer than the versions dsset checked for {FLAG}={VALUE} '
+      f'({_dotted(first)} to {_dotted(last)}), so the flag is left out and CPU convolutions may '
+      f'run about 2x slower. If this jaxlib accepts it, set XLA_FLAGS={FLAG}={VALUE} yourself; '
+      f'{OPT_OUT_VARIABLE}=1 silences this.',
+      stacklevel=4,
+  )
+
+
 def configure() -> None:
-  """Appends the flag to os.environ['XLA_FLAGS'] when it applies; warns if it came too late."""
-  if not flag_applies(_jaxlib_version(), os.environ):
+  """Appends the flag to os.environ['XLA_FLAGS'] when it applies; warns when it cannot take effect.
+
+  It cannot when JAX's backend started first, or when jaxlib is newer than the checked range.
+  """
+  jaxlib_version = _jaxlib_version()
+  if newer_than_checked(jaxlib_version, os.environ):
+    _warn_newer_jaxlib(jaxlib_version)
+    return
+  if not flag_applies(jaxlib_version, os.environ):
     return
   if _backend_started():
     warnings.warn(

@@ -4,6 +4,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -75,3 +76,62 @@ def test_warns_when_backend_started_before_import():
 )
 def test_flag_applies(version, environ, expected):
   assert _xla_setup.flag_applies(version, environ) is expected
+
+
+def _configure_warnings(monkeypatch, version, environ):
+  """Runs configure() for this jaxlib version and environment; returns the warning texts."""
+  monkeypatch.setattr(_xla_setup, '_jaxlib_version', lambda: version)
+  monkeypatch.setattr(_xla_setup, '_backend_started', lambda: False)
+  monkeypatch.setattr(_xla_setup, '_warned_newer_jaxlib', False)
+  for name in ('XLA_FLAGS', _xla_setup.OPT_OUT_VARIABLE):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in environ.items():
+    monkeypatch.setenv(name, value)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    _xla_setup.configure()
+    _xla_setup.configure()
+  return [str(w.message) for w in caught]
+
+
+def test_newer_jaxlib_warns_once_with_the_way_to_opt_in(monkeypatch):
+  messages = _configure_warnings(monkeypatch, '0.11.0', {})
+  assert len(messages) == 1
+  message = messages[0]
+  assert '\n' not in message
+  for part in ('jaxlib 0.11.0', FLAG_SETTING, '0.9.0 to 0.10.2', f'XLA_FLAGS={FLAG_SETTING}',
+               f'{_xla_setup.OPT_OUT_VARIABLE}=1'):
+    assert part in message
+  assert _xla_setup.FLAG not in os.environ.get('XLA_FLAGS', '')  # an unknown flag would abort.
+
+
+@pytest.mark.parametrize(
+    'version,environ',
+    [
+        ('0.10.2', {}),  # checked: the flag is added, nothing to warn about.
+        ('0.8.0', {}),  # lacks the flag for good: nothing to opt in to.
+        ('0.11.0', {'XLA_FLAGS': f'{_xla_setup.FLAG}=default'}),  # the user chose.
+        ('0.11.0', {_xla_setup.OPT_OUT_VARIABLE: '1'}),
+    ],
+)
+def test_no_newer_jaxlib_warning(monkeypatch, version, environ):
+  assert _configure_warnings(monkeypatch, version, environ) == []
+
+
+@pytest.mark.parametrize(
+    'version,environ,expected',
+    [
+        ('0.11.0', {}, True),
+        ('0.10.3', {}, True),
+        ('0.11.0rc1', {}, True),
+        ('0.10.2', {}, False),
+        ('0.8.0', {}, False),
+        ('not-a-version', {}, False),
+        (None, {}, False),
+        ('0.11.0', {'XLA_FLAGS': f'{_xla_setup.FLAG}=dot'}, False),
+        ('0.11.0', {_xla_setup.OPT_OUT_VARIABLE: '1'}, False),
+        ('0.11.0', {_xla_setup.OPT_OUT_VARIABLE: '0'}, True),
+    ],
+)
+def test_newer_than_checked(version, environ, expected):
+  assert _xla_setup.newer_than_checked(version, environ) is expected
