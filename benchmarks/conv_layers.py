@@ -56,8 +56,8 @@ def _flops(shape: dict, batch: int) -> float:
 
 def jax_step(shape: dict, batch: int):
   pad = shape['kernel'] // 2
-  conv = layers.Conv(shape['cout'], (shape['kernel'],) * 2, (shape['stride'],) * 2,
-                     ((pad, pad), (pad, pad)), fast=True)
+  conv = layers.Layers(cpu_fast_path=True).conv(
+      shape['cout'], (shape['kernel'],) * 2, (shape['stride'],) * 2, ((pad, pad), (pad, pad)))
   x = jax.random.normal(jax.random.key(0), (batch, shape['size'], shape['size'], shape['cin']))
   params = conv.init(jax.random.key(1), x)
   argnums = (0, 1) if shape['input_grad'] else (0,)

@@ -113,7 +113,7 @@ def _workload(name: str, backbone: nn.Module, image_size: int, scale: int):
 
 
 def _model_flops(name: str, backbone_name: str, image_size: int, scale: int) -> float:
-  plain = models.BACKBONES[backbone_name](cpu_fast_path=False)
+  plain = models.BACKBONES[backbone_name](layers=models.Layers(cpu_fast_path=False))
   step, state, inputs = _workload(name, plain, image_size, scale)
   return float(step.lower(state, inputs).cost_analysis()['flops'])
 
@@ -130,8 +130,8 @@ def run(name: str, backbone_name: str = 'resnet18', image_size: int = 64,
         peak_flops: float | None = None) -> dict:
   """Benchmarks one workload and returns its JSON record."""
   fast = models.resolve_cpu_fast_path(cpu_fast_path)
-  step, state, inputs = _workload(name, models.BACKBONES[backbone_name](cpu_fast_path=fast),
-                                  image_size, scale)
+  backbone = models.BACKBONES[backbone_name](layers=models.Layers(cpu_fast_path=fast))
+  step, state, inputs = _workload(name, backbone, image_size, scale)
   start = time.perf_counter()
   compiled = step.lower(state, inputs).compile()
   compile_s = time.perf_counter() - start

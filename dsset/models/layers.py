@@ -1,16 +1,18 @@
-"""The one place where the encoders' convolutions, max-pools and BatchNorms are computed.
+"""The one place where the encoders' convolutions, max-pools and BatchNorms are chosen and computed.
 
-Every convolution of the ResNets goes through `Conv`, every max-pool through `max_pool` and every
-BatchNorm through `batch_norm`, so that backend-specific rewrites of these ops (for XLA:CPU, see
-notes/cpu-performance.md and docs/performance.md) can be switched on in one spot with the `fast`
-flag without touching the network definitions.
+A model is built with one `Layers` (compute dtype, CPU fast path), resolved once from the config's
+model section by `Layers.for_model`, and every block takes its convs, BatchNorms and max-pools from
+it, so that backend-specific rewrites of these ops (for XLA:CPU, see docs/performance.md) are
+switched on in one spot without touching the network definitions.
 """
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from dsset.ops import cpu_batch_norm, cpu_conv, cpu_pool
 
@@ -21,24 +23,27 @@ Padding = Sequence[tuple[int, int]]
 
 
 class Conv(nn.Module):
-  """2D convolution over NHWC inputs, with nn.Conv's parameter names and layout.
+  """Convolution over channels-last inputs, with nn.Conv's parameter names and layout.
+
+  The spatial rank is the kernel's: a (height, width) kernel convolves NHWC inputs, a (depth,
+  height, width) one NDHWC inputs.
 
   Attributes:
     features: number of output channels.
-    kernel_size: (height, width) of the kernel.
-    strides: (height, width) strides.
-    padding: explicit ((top, bottom), (left, right)) zero padding (torchvision pads symmetrically,
-      unlike 'SAME' with stride 2).
+    kernel_size: extent of the kernel along each spatial axis.
+    strides: stride along each spatial axis; None is 1 everywhere.
+    padding: explicit (low, high) zero padding per spatial axis (torchvision pads symmetrically,
+      unlike 'SAME' with stride 2); None pads nothing.
     use_bias: add a learned bias (ResNets do not: a BatchNorm follows every conv).
     dtype: compute dtype; inputs and kernel are cast to it.
     param_dtype: storage dtype of the parameters.
-    fast: compute convs whose output map is smaller than the kernel as one matmul
+    fast: compute 2D convs whose output map is smaller than the kernel as one matmul
       (dsset.ops.cpu_conv).
   """
   features: int
-  kernel_size: tuple[int, int]
-  strides: tuple[int, int] = (1, 1)
-  padding: Padding = ((0, 0), (0, 0))
+  kernel_size: Sequence[int]
+  strides: Sequence[int] | None = None
+  padding: Padding | None = None
   use_bias: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -46,33 +51,24 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    rank = len(self.kernel_size)
+    strides = tuple(self.strides or (1,) * rank)
+    padding = tuple(self.padding or ((0, 0),) * rank)
     kernel = self.param('kernel', kaiming_fan_out,
                         (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if self.fast and cpu_conv.output_smaller_than_kernel(
-        x.shape[1:3], self.kernel_size, self.strides, self.padding):
-      y = cpu_conv.conv_as_matmul(x, kernel, self.strides, self.padding)
+    if self.fast and rank == 2 and cpu_conv.output_smaller_than_kernel(
+        x.shape[1:3], self.kernel_size, strides, padding):
+      y = cpu_conv.conv_as_matmul(x, kernel, strides, padding)
     else:
+      spatial = 'DHW'[-rank:]
       y = jax.lax.conv_general_dilated(
-          x, kernel, window_strides=self.strides, padding=tuple(self.padding),
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+          x, kernel, window_strides=strides, padding=padding,
+          dimension_numbers=(f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'))
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
-
-
-def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padding: Padding,
-             fast: bool = False) -> jax.Array:
-  """Max-pool over the spatial axes of NHWC `x`; padded positions never win (-inf).
-
-  `fast` keeps this forward but computes the gradient with masks (dsset.ops.cpu_pool).
-  """
-  if fast:
-    return cpu_pool.max_pool(x, window, strides, padding)
-  return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1),
-      ((0, 0), *padding, (0, 0)))
 
 
 class BatchNorm(nn.Module):
@@ -106,9 +102,67 @@ class BatchNorm(nn.Module):
     return y.astype(dtype)
 
 
-def batch_norm(train: bool, dtype: Any, fast: bool = False) -> nn.Module:
-  """BatchNorm with torchvision's settings; `fast` computes its statistics with dots (CPU)."""
-  # Flax momentum 0.9 == torch momentum 0.1; epsilon as torch. Scale starts at 1 (torchvision).
-  norm = BatchNorm if fast else nn.BatchNorm
-  return norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-              param_dtype=jnp.float32)
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def resolve_dtype(name: str) -> Any:
+  """model.dtype -> a jnp dtype; 'auto' is float32 on CPU (no native bf16 there), else bfloat16."""
+  if name == 'auto':
+    return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+  if name not in _DTYPES:
+    raise ValueError(f"model.dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+  return _DTYPES[name]
+
+
+def resolve_cpu_fast_path(setting: str) -> bool:
+  """model.cpu_fast_path -> bool; 'auto' is on exactly when JAX runs on the CPU."""
+  if setting == 'auto':
+    return jax.default_backend() == 'cpu'
+  if setting not in ('on', 'off'):
+    raise ValueError(f"model.cpu_fast_path must be 'auto', 'on' or 'off', got {setting!r}")
+  return setting == 'on'
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """Conv, BatchNorm and max-pool factories shared by every block of one model.
+
+  Frozen (hashable), so that it can be a Flax module attribute. The choice of ops never changes the
+  variables: both paths create the same names, shapes and dtypes.
+
+  Attributes:
+    dtype: compute dtype; parameters stay float32.
+    cpu_fast_path: compute through the XLA:CPU rewrites of dsset.ops.
+  """
+  dtype: Any = jnp.float32
+  cpu_fast_path: bool = False
+
+  @classmethod
+  def for_model(cls, model_config: ml_collections.ConfigDict) -> 'Layers':
+    """The layers that model.dtype and model.cpu_fast_path ask for on the current backend."""
+    return cls(resolve_dtype(model_config.dtype),
+               resolve_cpu_fast_path(model_config.cpu_fast_path))
+
+  def conv(self, features: int, kernel_size: Sequence[int], strides: Sequence[int] | None = None,
+           padding: Padding | None = None, use_bias: bool = False) -> Conv:
+    return Conv(features, kernel_size, strides, padding, use_bias, dtype=self.dtype,
+                fast=self.cpu_fast_path)
+
+  def norm(self, train: bool) -> nn.Module:
+    """BatchNorm with torchvision's settings; the fast path computes its statistics with dots."""
+    norm = BatchNorm if self.cpu_fast_path else nn.BatchNorm
+    # Flax momentum 0.9 == torch momentum 0.1; epsilon as torch. Scale starts at 1 (torchvision).
+    return norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                param_dtype=jnp.float32)
+
+  def max_pool(self, x: jax.Array, window: Sequence[int], strides: Sequence[int],
+               padding: Padding) -> jax.Array:
+    """Max-pool over the spatial axes of channels-last `x`; padded positions never win (-inf).
+
+    The fast path keeps this forward but computes the gradient with masks (dsset.ops.cpu_pool).
+    """
+    if self.cpu_fast_path:
+      return cpu_pool.max_pool(x, window, strides, padding)
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1),
+        ((0, 0), *padding, (0, 0)))

@@ -5,41 +5,36 @@ The number of input channels is taken from the input, so single-channel scans ne
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dsset.models import layers
+from dsset.models.layers import Conv, Layers, Padding
 
 
-def _pad(kernel: int) -> layers.Padding:
+def _pad(kernel: int) -> Padding:
   # torchvision pads every conv and the max-pool symmetrically by kernel // 2.
   return ((kernel // 2, kernel // 2),) * 2
 
 
 class _Block(nn.Module):
-  """Shared plumbing of the residual blocks: conv and BatchNorm factories."""
+  """Shared plumbing of the residual blocks: torchvision's square convs and the shortcut."""
   width: int
   strides: int
-  dtype: Any
-  cpu_fast_path: bool
+  layers: Layers
 
-  def conv(self, features: int, kernel: int, strides: int = 1) -> layers.Conv:
-    return layers.Conv(features, (kernel, kernel), (strides, strides), _pad(kernel),
-                       dtype=self.dtype, fast=self.cpu_fast_path)
-
-  def norm(self, train: bool) -> nn.Module:
-    return layers.batch_norm(train, self.dtype, self.cpu_fast_path)
+  def conv(self, features: int, kernel: int, strides: int = 1) -> Conv:
+    return self.layers.conv(features, (kernel, kernel), (strides, strides), _pad(kernel))
 
   def shortcut(self, x: jax.Array, out_features: int, train: bool,
                mask: jax.Array | None) -> jax.Array:
     # torchvision projects the identity (1x1 conv + BN) only when the shape changes.
     if self.strides == 1 and x.shape[-1] == out_features:
       return x
-    return self.norm(train)(self.conv(out_features, 1, self.strides)(x), mask=mask)
+    return self.layers.norm(train)(self.conv(out_features, 1, self.strides)(x), mask=mask)
 
 
 class BasicBlock(_Block):
@@ -48,8 +43,8 @@ class BasicBlock(_Block):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None) -> jax.Array:
-    y = nn.relu(self.norm(train)(self.conv(self.width, 3, self.strides)(x), mask=mask))
-    y = self.norm(train)(self.conv(self.width, 3)(y), mask=mask)
+    y = nn.relu(self.layers.norm(train)(self.conv(self.width, 3, self.strides)(x), mask=mask))
+    y = self.layers.norm(train)(self.conv(self.width, 3)(y), mask=mask)
     return nn.relu(y + self.shortcut(x, self.width, train, mask))
 
 
@@ -60,9 +55,9 @@ class Bottleneck(_Block):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None) -> jax.Array:
     out = self.width * self.expansion
-    y = nn.relu(self.norm(train)(self.conv(self.width, 1)(x), mask=mask))
-    y = nn.relu(self.norm(train)(self.conv(self.width, 3, self.strides)(y), mask=mask))
-    y = self.norm(train)(self.conv(out, 1)(y), mask=mask)
+    y = nn.relu(self.layers.norm(train)(self.conv(self.width, 1)(x), mask=mask))
+    y = nn.relu(self.layers.norm(train)(self.conv(self.width, 3, self.strides)(y), mask=mask))
+    y = self.layers.norm(train)(self.conv(out, 1)(y), mask=mask)
     return nn.relu(y + self.shortcut(x, out, train, mask))
 
 
@@ -74,15 +69,14 @@ class ResNet(nn.Module):
     block: BasicBlock or Bottleneck.
     small_stem: 3x3/1 stem conv and no max-pool (for 28-64 px inputs) instead of 7x7/2 + 3x3/2 pool.
     width_multiplier: scales every layer's width (64, 128, 256, 512 base widths).
-    dtype: compute dtype; parameters and returned features stay float32.
-    cpu_fast_path: route convs and pools through their CPU rewrites in `layers`.
+    layers: the convs, BatchNorms and max-pool of every block (compute dtype, CPU fast path);
+      parameters and returned features stay float32 either way.
   """
   stage_sizes: Sequence[int]
   block: type[_Block]
   small_stem: bool = False
   width_multiplier: float = 1.0
-  dtype: Any = jnp.float32
-  cpu_fast_path: bool = False
+  layers: Layers = Layers()
 
   def stage_width(self, stage: int) -> int:
     return max(1, int(64 * 2**stage * self.width_multiplier))
@@ -110,17 +104,15 @@ class ResNet(nn.Module):
     """
     bn_mask = None if mask is None else mask.reshape(-1, 1, 1, 1)
     kernel, stride = (3, 1) if self.small_stem else (7, 2)
-    x = layers.Conv(self.stage_width(0), (kernel, kernel), (stride, stride), _pad(kernel),
-                    dtype=self.dtype, fast=self.cpu_fast_path)(x)
-    x = nn.relu(layers.batch_norm(train, self.dtype, self.cpu_fast_path)(x, mask=bn_mask))
+    x = self.layers.conv(self.stage_width(0), (kernel, kernel), (stride, stride), _pad(kernel))(x)
+    x = nn.relu(self.layers.norm(train)(x, mask=bn_mask))
     maps = [x]
     if not self.small_stem:
-      x = layers.max_pool(x, (3, 3), (2, 2), _pad(3), fast=self.cpu_fast_path)
+      x = self.layers.max_pool(x, (3, 3), (2, 2), _pad(3))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
         strides = 2 if stage > 0 and index == 0 else 1
-        x = self.block(self.stage_width(stage), strides, self.dtype, self.cpu_fast_path)(
-            x, train, bn_mask)
+        x = self.block(self.stage_width(stage), strides, self.layers)(x, train, bn_mask)
       maps.append(x)
     if stages:
       return maps
@@ -135,27 +127,6 @@ ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck)
 
 BACKBONES = {'resnet10': ResNet10, 'resnet18': ResNet18, 'resnet50': ResNet50}
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-def resolve_dtype(name: str) -> Any:
-  """model.dtype -> a jnp dtype; 'auto' is float32 on CPU (no native bf16 there), else bfloat16."""
-  if name == 'auto':
-    return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
-  if name not in _DTYPES:
-    raise ValueError(f"model.dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
-  return _DTYPES[name]
-
-
-def resolve_cpu_fast_path(setting: str) -> bool:
-  """model.cpu_fast_path -> bool; 'auto' is on exactly when JAX runs on the CPU."""
-  if setting == 'auto':
-    return jax.default_backend() == 'cpu'
-  if setting not in ('on', 'off'):
-    raise ValueError(f"model.cpu_fast_path must be 'auto', 'on' or 'off', got {setting!r}")
-  return setting == 'on'
-
-
 def make_backbone(model_config: ml_collections.ConfigDict) -> ResNet:
   """Builds the encoder named by model.backbone with the model section's options."""
   if model_config.backbone not in BACKBONES:
@@ -166,8 +137,7 @@ def make_backbone(model_config: ml_collections.ConfigDict) -> ResNet:
         f'model.width_multiplier must be positive, got {model_config.width_multiplier}')
   return BACKBONES[model_config.backbone](
       small_stem=model_config.small_stem, width_multiplier=model_config.width_multiplier,
-      dtype=resolve_dtype(model_config.dtype),
-      cpu_fast_path=resolve_cpu_fast_path(model_config.cpu_fast_path))
+      layers=Layers.for_model(model_config))
 
 
 def feature_dim(model_config: ml_collections.ConfigDict) -> int:

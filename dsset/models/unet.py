@@ -8,13 +8,14 @@ large stem halves the input twice before its first map) continue the x2 upsampli
 resolution; a 1x1 conv with bias gives the class logits.
 """
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsset.models import layers, resnet
+from dsset.models import resnet
+from dsset.models.layers import Layers
 
 # Where SegmentationModel keeps its encoder: pretrained encoders are inserted there.
 ENCODER_PATH = ('backbone',)
@@ -29,28 +30,29 @@ def _resize(x: jax.Array, size: Sequence[int]) -> jax.Array:
 class ConvBlock(nn.Module):
   """[3x3 conv - BatchNorm - ReLU] x 2, `features` channels out."""
   features: int
-  dtype: Any = jnp.float32
-  cpu_fast_path: bool = False
+  layers: Layers = Layers()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for _ in range(2):
-      x = layers.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                      fast=self.cpu_fast_path)(x)
-      x = nn.relu(layers.batch_norm(train, self.dtype, self.cpu_fast_path)(x))
+      x = self.layers.conv(self.features, (3, 3), padding=((1, 1), (1, 1)))(x)
+      x = nn.relu(self.layers.norm(train)(x))
     return x
 
 
 class UNetDecoder(nn.Module):
-  """Encoder maps [shallowest, ..., deepest] -> float32 logits [N, H, W, num_classes]."""
+  """Encoder maps [shallowest, ..., deepest] -> float32 logits [N, H, W, num_classes].
+
+  SegmentationModel passes the encoder's `layers`: the decoder computes in the encoder's dtype and
+  CPU path.
+  """
   num_classes: int
-  dtype: Any = jnp.float32
-  cpu_fast_path: bool = False
+  layers: Layers = Layers()
 
   @nn.compact
   def __call__(self, maps: Sequence[jax.Array], output_size: Sequence[int],
                train: bool) -> jax.Array:
-    block = lambda width: ConvBlock(width, self.dtype, self.cpu_fast_path)
+    block = lambda width: ConvBlock(width, self.layers)
     x = maps[-1]
     for skip in reversed(maps[:-1]):
       x = _resize(x, skip.shape[1:3])
@@ -60,8 +62,7 @@ class UNetDecoder(nn.Module):
       x = block(x.shape[-1])(_resize(x, (2 * x.shape[1], 2 * x.shape[2])), train)
     # Input sides that are not the encoder's stride times a power of two end on a last resize.
     x = _resize(x, output_size)
-    logits = layers.Conv(self.num_classes, (1, 1), use_bias=True, dtype=self.dtype,
-                         fast=self.cpu_fast_path)(x)
+    logits = self.layers.conv(self.num_classes, (1, 1), use_bias=True)(x)
     return logits.astype(jnp.float32)
 
 
@@ -79,6 +80,5 @@ class SegmentationModel(nn.Module):
     maps = self.backbone(images, train=train and train_encoder, stages=True)
     if not train_encoder:
       maps = jax.lax.stop_gradient(maps)
-    decoder = UNetDecoder(self.num_classes, self.backbone.dtype, self.backbone.cpu_fast_path,
-                          name='decoder')
+    decoder = UNetDecoder(self.num_classes, self.backbone.layers, name='decoder')
     return decoder(maps, images.shape[1:3], train)

@@ -33,7 +33,7 @@ def _forward_and_grads(backbone, variables, images, weights):
 def _check(name, image_size):
   with jax.enable_x64(True):
     images = jax.random.uniform(jax.random.key(0), (4, image_size, image_size, 1), jnp.float64)
-    plain, fast = (models.BACKBONES[name](cpu_fast_path=flag, dtype=jnp.float64)
+    plain, fast = (models.BACKBONES[name](layers=models.Layers(jnp.float64, cpu_fast_path=flag))
                    for flag in (False, True))
     variables = jax.tree.map(lambda v: v.astype(jnp.float64),
                              plain.init(jax.random.key(1), images))
@@ -60,7 +60,7 @@ def test_resnet50_fast_path_matches_plain(image_size):
 @pytest.mark.parametrize('fast,expected_convs', [(False, 20), (True, 16)])
 def test_fast_path_replaces_the_small_map_convs(fast, expected_convs):
   # ResNet-18 at 64 px has 20 convs; the four 3x3 convs with 2x2 outputs (layer 4) are rewritten.
-  backbone = models.ResNet18(cpu_fast_path=fast)
+  backbone = models.ResNet18(layers=models.Layers(cpu_fast_path=fast))
   images = jnp.zeros((2, 64, 64, 1))
   variables = jax.eval_shape(backbone.init, jax.random.key(0), images)
   variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)

@@ -133,7 +133,7 @@ def test_batch_norm_scales_start_at_one(small):
 
 def test_bfloat16_compute_keeps_float32_params_and_features(small):
   net, x, variables = small
-  low = tiny(small_stem=True, dtype=jnp.bfloat16)
+  low = tiny(small_stem=True, layers=models.Layers(jnp.bfloat16))
   low_variables = jax.eval_shape(low.init, jax.random.key(0), x)
   assert {leaf.dtype for leaf in jax.tree.leaves(low_variables)} == {jnp.dtype(jnp.float32)}
   features, _ = train_fn(low)(variables, x)
@@ -181,7 +181,7 @@ def test_make_backbone_reads_model_config():
   net = models.make_backbone(config)
   assert isinstance(net, models.ResNet)
   assert (net.block, net.small_stem, net.width_multiplier) == (resnet.Bottleneck, True, 0.25)
-  assert net.dtype == jnp.bfloat16 and net.cpu_fast_path
+  assert net.layers == models.Layers(jnp.bfloat16, cpu_fast_path=True)
   assert models.feature_dim(config) == 512
   assert set(models.BACKBONES) == {'resnet10', 'resnet18', 'resnet50'}
 
