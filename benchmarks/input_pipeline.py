@@ -21,8 +21,8 @@ import numpy as np
 from absl import app, flags
 
 from configs import deepset
-from data_pipelines import pipeline
 from data_pipelines.sources import nifti
+from dsset.methods import make_method
 
 _SCANS = flags.DEFINE_integer('scans', 4, 'Number of .nii.gz scans to write.')
 _BATCHES = flags.DEFINE_integer('batches', 15, 'Timed batches per worker setting.')
@@ -81,7 +81,7 @@ def _cache_benchmark(config, folder: pathlib.Path) -> None:
 
 def _pipeline_benchmark(config, workers: int) -> None:
   config.data.num_workers = workers
-  iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  iterator = make_method(config).make_train_iterator()
   next(iterator)  # start-up (worker processes, first prefetch) is not throughput
   start = time.perf_counter()
   for _ in range(_BATCHES.value):

@@ -11,6 +11,7 @@ means the pipeline keeps up.
   python -m benchmarks.input_starvation [--steps=10] [--workers=0] [--image_size=64]
 """
 
+import functools
 import json
 import pathlib
 import platform
@@ -25,9 +26,9 @@ from absl import app, flags
 
 from benchmarks.timing import step_seconds
 from configs import deepset
-from data_pipelines import pipeline
 from data_pipelines.sources import make_source
 from dsset import parallel
+from dsset.methods import make_method
 from dsset.train import Trainer
 
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per feed (after 3 warm-up steps).')
@@ -75,11 +76,11 @@ def main(argv):
     for i in range(len(source)):
       source[i]
     config = feeds['phantom']
-    trainer = Trainer(config, num_classes=make_source(config.data, 'train').num_classes)
+    method = make_method(config)
+    fixed = parallel.global_batch(next(method.make_train_iterator()), mesh)
+    trainer = Trainer(config, method)
     state = jax.jit(trainer.init_state)(jax.random.PRNGKey(0))
-    step = jax.jit(trainer.train_step, donate_argnums=0)
-    fixed = parallel.global_batch(
-        next(pipeline.make_train_iterator(config, process_index=0, process_count=1)), mesh)
+    step = jax.jit(functools.partial(trainer.train_step, phase=None), donate_argnums=0)
 
     def run(batch_fn):
       nonlocal state
@@ -91,7 +92,7 @@ def main(argv):
 
     results = {'fixed': run(lambda: fixed)}
     for name, feed_config in feeds.items():
-      iterator = pipeline.make_train_iterator(feed_config, process_index=0, process_count=1)
+      iterator = make_method(feed_config).make_train_iterator()
       results[name] = run(lambda: parallel.global_batch(next(iterator), mesh))
     base = statistics.median(results['fixed'])
     images = config.train.batch_size * trainer.method.images_per_example()

@@ -1,24 +1,31 @@
-"""Every default of dsset in one place.
+"""Every default of dsset in one place, and the variants every config file accepts.
 
-Method files (simclr.py, perscan.py, deepset.py, ...) import this and override a few keys. Key names
-under data/model/train/checkpoint are a stable contract (docs/architecture.md): tools and launch
-scripts rely on them. Values are validated at start-up by dsset.config_validation.
+Each config file (pretraining: simclr.py, perscan.py, deepset.py; downstream: linear_eval.py,
+knn_eval.py, finetune.py, segment.py) starts from get_config(variant) and overrides a few keys; the
+variant is the text after the colon of --config=configs/<file>.py:<variant>:
+  (none)    defaults for a few-minute run on a laptop CPU.
+  paper     DS-SimCLR's reference settings (ResNet-50, 128 px, ...; paper_settings below).
+  compare   the settings of the published comparison (docs/reproducing.md; compare_settings).
+  tiny      a tiny model on tiny phantom scans for a few steps: what the tests and smoke runs use.
+Key names under data/model/train/checkpoint are a stable contract (docs/architecture.md): tools and
+launch scripts rely on them. Every key is checked at start-up by dsset.config_validation.
 """
 
 import ml_collections
 
 
-VARIANTS = ('paper',)
+VARIANTS = ('paper', 'compare', 'tiny')
 
 
 def get_config(arg=None):
-  """Defaults for a few-minute run on a laptop CPU; arg 'paper' gives the paper's settings."""
+  """The defaults, with the variant `arg` applied (None or '' for none)."""
   if arg not in (None, '', *VARIANTS):
     raise ValueError(f'unknown config variant {arg!r}; known variants: {", ".join(VARIANTS)} '
                      '(e.g. --config=configs/deepset.py:paper)')
   c = ml_collections.ConfigDict()
 
-  # 'simclr' | 'perscan' | 'deepset': which views are contrasted (METHODS.md section 1).
+  # What runs (dsset.methods.METHODS): pretraining 'simclr' | 'perscan' | 'deepset' (which views are
+  # contrasted), or a downstream evaluation of an encoder 'linear' | 'knn' | 'finetune' | 'segment'.
   c.method = 'deepset'
   c.seed = 0
   # A pretraining workdir whose encoder initialises this run (downstream configs); '' = random init.
@@ -129,44 +136,56 @@ def get_config(arg=None):
   c.distributed.num_processes = 0  # 0 = environment / JAX.
   c.distributed.process_id = -1  # -1 = environment / JAX.
 
-  # Downstream evaluation (dsset.evaluate; configs/linear_eval.py, knn_eval.py, finetune.py).
+  # Downstream evaluation of an encoder (methods 'linear', 'knn', 'finetune', 'segment'; their
+  # training steps, batch, learning rate and optimiser are the train.* keys, set by their files).
   c.evaluate = ml_collections.ConfigDict()
-  # 'linear' (logistic-regression probe) | 'knn' (weighted kNN) | 'finetune' (end to end) |
-  # 'segment' (U-Net decoder on the encoder, trained end to end on voxel masks).
-  c.evaluate.kind = 'linear'
   c.evaluate.level = 'scan'  # 'scan' (one feature per scan) | 'slice' (one per slice).
   # Scan features from slice features: 'mean' | 'set_encoder' (the pretraining run's pooling and
-  # rho; DS-SimCLR's set encoder). Frozen-feature kinds only: fine-tuning pools by the mean.
+  # rho; DS-SimCLR's set encoder). Frozen-feature methods only: fine-tuning pools by the mean.
   c.evaluate.scan_features = 'mean'
   c.evaluate.label_fraction = 1.0  # share of the labelled train scans used (stratified, seeded).
-  c.evaluate.batch_size = 64  # images per encoder call during feature extraction.
-  c.evaluate.weight_decays = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # probe L2 grid, chosen on val.
-  c.evaluate.probe_steps = 500  # full-batch Adam steps of the probe.
-  c.evaluate.probe_learning_rate = 0.05
+  c.evaluate.batch_size = 64  # images per encoder call during feature extraction and prediction.
+  c.evaluate.weight_decays = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # linear probe L2 grid, chosen on val.
   c.evaluate.knn_k = 20
   c.evaluate.knn_temperature = 0.07  # vote weight exp(cosine / T), as in InstDisc and DINO.
-  # kind 'finetune' (configs/finetune.py): encoder + linear head trained end to end (AdamW).
-  c.evaluate.finetune_steps = 200
-  # Per step: scans (level 'scan', K = data.set_size slices each) or slices (level 'slice').
-  c.evaluate.finetune_batch_size = 16
-  c.evaluate.finetune_learning_rate = 1e-4
-  c.evaluate.finetune_weight_decay = 1e-4
-  # kind 'segment' (configs/segment.py): slices and masks; Dice + cross-entropy, AdamW.
-  c.evaluate.segment_steps = 300
-  c.evaluate.segment_batch_size = 16  # slices per step.
-  c.evaluate.segment_learning_rate = 1e-3
-  c.evaluate.segment_weight_decay = 1e-4
   c.evaluate.segment_freeze_steps = 0  # first steps train the decoder only (encoder frozen).
   c.evaluate.segment_num_classes = 0  # mask ids 0..C-1; 0 = the largest id in train masks + 1.
 
   if arg == 'paper':
     paper_settings(c)
+  elif arg == 'compare':
+    compare_settings(c)
+  elif arg == 'tiny':
+    tiny_settings(c)
   return c
 
 
+def downstream_training(c, arg, *, num_steps: int, batch_size: int, learning_rate: float,
+                        optimizer: str = 'adam', weight_decay: float = 0.0) -> None:
+  """The train.* keys of a downstream method (its head's training), for every variant.
+
+  A constant learning rate without warm-up; no online probe (the run is the probe). The variants'
+  model and data keys stay as they are: an encoder is evaluated on the data it was pretrained on.
+  """
+  c.train.num_steps = 3 if arg == 'tiny' else num_steps
+  c.train.batch_size = batch_size
+  c.train.learning_rate = learning_rate
+  c.train.optimizer = optimizer
+  c.train.weight_decay = weight_decay
+  c.train.schedule = 'constant'
+  c.train.warmup_steps = 0
+  c.train.grad_clip_norm = 0.0
+  c.train.log_every_steps = 1 if arg == 'tiny' else 10
+  c.monitor.enabled = False
+  if arg == 'compare':
+    # 1024 more labelled train scans that the pretrained encoders never saw: with the 136 regular
+    # ones a probe on 256 scan features is starved of labels (docs/reproducing.md).
+    c.data.phantom.extra_train_scans = 1024
+
+
 def paper_settings(c) -> None:
-  """DS-SimCLR's reference settings (METHODS.md 1c): ResNet-50, 128 px, K = 3, omega = 0.5,
-  batch 32, Adam with warm-up and cosine decay, temperature 0.5.
+  """DS-SimCLR's reference settings: ResNet-50, 128 px, K = 3, omega = 0.5, batch 32, Adam with
+  warm-up and cosine decay, temperature 0.5.
 
   The paper trains 100 epochs with 1 warm-up epoch; with the phantom's 32 training scans an epoch
   is one step of 32 scans. For your data set train.num_steps = 100 * scans / 32 and
@@ -182,3 +201,42 @@ def paper_settings(c) -> None:
   c.train.num_steps = 100
   c.train.warmup_steps = 1
   c.loss.temperature = 0.5
+
+
+def compare_settings(c) -> None:
+  """The published comparison (scripts/compare_methods.sh, docs/reproducing.md): quick CPU settings
+  shared by pretraining and evaluation so that encoder and data match.
+
+  The phantom keeps its 64 px slices (at 32 px its labelled object is 2-5 pixels wide) and has 192
+  scans (136 train) plus 512 held-out ones only evaluation sees (256 more val, 256 more test): with
+  28 test scans one scan is worth 3.6 points of accuracy. 3000 steps: at 1000 every method was still
+  undertrained. Temperature 0.1 (SimCLR's paper) rather than the reference code's 0.5.
+  """
+  c.model.backbone = 'resnet10'
+  c.model.width_multiplier = 0.5
+  c.data.image_size = 64
+  c.data.phantom.num_scans = 192
+  c.data.phantom.extra_eval_scans = 512
+  c.train.num_steps = 3000
+  c.train.batch_size = 32
+  c.train.warmup_steps = 50
+  c.loss.temperature = 0.1
+  c.checkpoint.every_steps = 1000
+
+
+def tiny_settings(c) -> None:
+  """Seconds per run on two CPU cores: what tests and smoke runs use (not for results)."""
+  c.data.image_size = 32
+  c.data.phantom.num_scans = 16
+  c.data.phantom.depth = 12
+  c.data.phantom.height = 32
+  c.data.phantom.width = 32
+  c.model.backbone = 'resnet10'
+  c.model.width_multiplier = 0.125
+  c.model.head_hidden = 32
+  c.model.head_out = 16
+  c.train.batch_size = 8
+  c.train.num_steps = 3
+  c.train.warmup_steps = 1
+  c.train.log_every_steps = 1
+  c.evaluate.batch_size = 32

@@ -1,4 +1,11 @@
-"""Per-scan SimCLR: the views are slices i and i + ceil(omega * n) of one scan."""
+"""Per-scan SimCLR (PS-SimCLR): the views are slices i and i + ceil(omega * n) of one scan
+(python -m dsset.main --config=configs/perscan.py[:paper|:compare|:tiny] --workdir=DIR).
+
+Keys this method reads: those of simclr.py, and
+  data.window   omega, the distance between the two slices as a fraction of the scan's slices
+                (scans of fewer than 5 slices give two views of one slice, as SimCLR).
+data.set_size must be 1 (one slice per view).
+"""
 
 from configs import base
 

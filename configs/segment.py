@@ -1,13 +1,23 @@
-"""Segmentation (U-Net decoder on the encoder's stages, Dice + cross-entropy) on voxel masks:
-python -m dsset.evaluate.main --config=configs/segment.py --workdir=EVAL_DIR
---config.init_from=PRETRAIN_DIR [--config.evaluate.label_fraction=0.1] (empty init_from = from
-random init). The source must give masks (the phantom does; other formats via data.masks_path or
-a datalist)."""
+"""Segmentation: a U-Net decoder on the encoder's stages, trained end to end with Dice +
+cross-entropy on voxel masks (python -m dsset.main --config=configs/segment.py --workdir=EVAL_DIR
+--config.init_from=PRETRAIN_DIR [--config.evaluate.label_fraction=0.1]; an empty init_from starts
+from random init). The source must give masks (the phantom does; other formats via data.masks_path
+or a datalist). Writes EVAL_DIR/eval.json (test Dice per class) and plots; an interrupted run
+resumes.
+
+Keys: init_from and evaluate.label_fraction as in linear_eval.py, and
+  evaluate.segment_freeze_steps  first steps train the decoder only (encoder frozen, eval mode).
+  evaluate.segment_num_classes   mask ids 0..C-1; 0 = the largest id in the train masks + 1.
+  evaluate.batch_size            slices per call when predicting the test split.
+  train.num_steps / batch_size / learning_rate / weight_decay   AdamW, batch_size slices per step.
+"""
 
 from configs import base
 
 
 def get_config(arg=None):
   config = base.get_config(arg)
-  config.evaluate.kind = 'segment'
+  config.method = 'segment'
+  base.downstream_training(config, arg, num_steps=300, batch_size=16, learning_rate=1e-3,
+                           optimizer='adamw', weight_decay=1e-4)
   return config

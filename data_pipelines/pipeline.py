@@ -22,12 +22,6 @@ from data_pipelines.errors import DataError
 EVAL_MODES = ('scan', 'slice')
 
 
-def _num_records(source, sampler) -> int:
-  if isinstance(sampler, samplers.SimclrSampler):
-    return sampler.num_records
-  return len(source)
-
-
 class EpochShuffle(grain.transforms.MapWithIndex):
   """Position in the endless stream -> record: a new seeded permutation of the records each epoch.
 
@@ -51,20 +45,13 @@ class EpochShuffle(grain.transforms.MapWithIndex):
     return int(order[position])
 
 
-def make_train_dataset(config, *, process_index: int, process_count: int,
-                       source=None) -> grain.IterDataset:
-  """The training IterDataset of one host (see the module docstring).
-
-  source: the train split's source when the caller has built it already (building a NIfTI or
-  DICOM folder's source reads every header).
-  """
+def make_train_dataset(config, sampler: samplers.ViewSampler, *, process_index: int,
+                       process_count: int) -> grain.IterDataset:
+  """The training IterDataset of one host (see the module docstring); sampler: the method's."""
   if config.train.batch_size % process_count:
     raise DataError(f'config key train.batch_size={config.train.batch_size} is not divisible by '
                     f'the {process_count} processes')
-  if source is None:
-    source = sources.make_source(config.data, 'train')
-  sampler = samplers.make_sampler(config, source)
-  num_records = _num_records(source, sampler)
+  num_records = sampler.num_records
   if not num_records:
     raise DataError(f'no training scans from data.source={config.data.source!r} '
                     f'(data.path={config.data.path!r})')
@@ -90,20 +77,21 @@ def make_train_dataset(config, *, process_index: int, process_count: int,
   return iter_dataset
 
 
-def make_train_iterator(config, *, process_index: int | None = None,
-                        process_count: int | None = None, source=None) -> grain.DatasetIterator:
+def make_train_iterator(config, sampler: samplers.ViewSampler, *,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> grain.DatasetIterator:
   """Infinite iterator of host-local training batches; checkpointable with get_state/set_state.
 
   Each batch: views uint8 [B, 2, K, H, W, C], mask bool [B, 2, K], scan_id int32 [B],
   label int32 [B], with B = train.batch_size // process_count. Process index and count default to
-  JAX's; source as for make_train_dataset.
+  JAX's.
   """
   if process_index is None or process_count is None:
     import jax  # Imported only here: the data pipeline itself does not need JAX.
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  dataset = make_train_dataset(config, process_index=process_index, process_count=process_count,
-                               source=source)
+  dataset = make_train_dataset(config, sampler, process_index=process_index,
+                               process_count=process_count)
   return iter(dataset)
 
 

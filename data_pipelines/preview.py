@@ -16,8 +16,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_pipelines import pipeline
 from dsset import augment
+from dsset.methods import make_method
 
 
 def _augment(config, views: np.ndarray) -> np.ndarray:
@@ -80,7 +80,7 @@ def main(argv):
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/deepset.py')
   config.data.num_workers = 0  # one batch: worker start-up would cost more than it saves
-  batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+  batch = next(make_method(config).make_train_iterator())
   write_grid(_rows(config, batch), flags.FLAGS.out)
   print(f'wrote {flags.FLAGS.out}')
 

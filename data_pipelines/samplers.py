@@ -30,7 +30,6 @@ from PIL import Image
 from data_pipelines.errors import DataError
 from data_pipelines.sources.base import Scan, ScanSource
 
-METHODS = ('simclr', 'perscan', 'deepset')
 # PS-SimCLR needs this many slices for a pair; shorter scans fall back to simclr (METHODS.md).
 PERSCAN_MIN_SLICES = 5
 
@@ -81,14 +80,21 @@ def resize_slice(image: np.ndarray, image_size: int, channels: int) -> np.ndarra
   return np.repeat(quantised[:, :, None], channels, axis=2)
 
 
-class _ViewSampler:
-  """Reads chosen slices of a scan and lays out one example of the batch contract."""
+class ViewSampler:
+  """Reads chosen slices of a scan and lays out one example of the batch contract.
+
+  Records are scan indices unless a subclass says otherwise (num_records).
+  """
 
   def __init__(self, source: ScanSource, image_size: int, channels: int, set_size: int):
     self._source = source
     self._image_size = image_size
     self._channels = channels
     self._set_size = set_size
+
+  @property
+  def num_records(self) -> int:
+    return len(self._source)
 
   def _example(self, scan_index: int, scan: Scan, views: Sequence[np.ndarray]) -> dict:
     size, channels, k = self._image_size, self._channels, self._set_size
@@ -105,7 +111,7 @@ class _ViewSampler:
             'label': np.int32(scan.label)}
 
 
-class SimclrSampler(_ViewSampler, grain.transforms.Map):
+class SimclrSampler(ViewSampler, grain.transforms.Map):
   """simclr: record = flat slice index over all scans; both views are that slice."""
 
   def __init__(self, source: ScanSource, image_size: int, channels: int):
@@ -128,7 +134,7 @@ class SimclrSampler(_ViewSampler, grain.transforms.Map):
     return self._example(scan_index, self._source[scan_index], (view, view))
 
 
-class PerScanSampler(_ViewSampler, grain.transforms.RandomMap):
+class PerScanSampler(ViewSampler, grain.transforms.RandomMap):
   """perscan: record = scan index; views are slices i and i + w (simclr under 5 slices)."""
 
   def __init__(self, source: ScanSource, image_size: int, channels: int, omega: float):
@@ -141,7 +147,7 @@ class PerScanSampler(_ViewSampler, grain.transforms.RandomMap):
     return self._example(int(element), scan, (np.array([first]), np.array([second])))
 
 
-class DeepSetSampler(_ViewSampler, grain.transforms.RandomMap):
+class DeepSetSampler(ViewSampler, grain.transforms.RandomMap):
   """deepset: record = scan index; two independent windows of K evenly spaced slices."""
 
   def __init__(self, source: ScanSource, image_size: int, channels: int, omega: float,
@@ -158,26 +164,6 @@ class DeepSetSampler(_ViewSampler, grain.transforms.RandomMap):
                       f'{self._set_size} (set data.variable_set_size=True to pad)')
     views = [set_indices(scan.num_slices, self._omega, self._set_size, rng) for _ in range(2)]
     return self._example(int(element), scan, views)
-
-
-def make_sampler(config, source: ScanSource) -> _ViewSampler:
-  """The training sampler named by config.method, with its config keys checked."""
-  data = config.data
-  if config.method not in METHODS:
-    raise DataError(f'config key method={config.method!r} is not one of {METHODS}')
-  if not 0.0 < float(data.window) < 1.0:
-    raise DataError(f'config key data.window={data.window} must be in (0, 1)')
-  if int(data.set_size) < 1:
-    raise DataError(f'config key data.set_size={data.set_size} must be >= 1')
-  size, channels = int(data.image_size), int(data.channels)
-  if channels not in (1, 3):
-    raise DataError(f'config key data.channels={channels} must be 1 or 3')
-  if config.method == 'simclr':
-    return SimclrSampler(source, size, channels)
-  if config.method == 'perscan':
-    return PerScanSampler(source, size, channels, float(data.window))
-  return DeepSetSampler(source, size, channels, float(data.window), int(data.set_size),
-                        bool(data.variable_set_size))
 
 
 def scan_slices(scan: Scan, image_size: int, channels: int) -> np.ndarray:

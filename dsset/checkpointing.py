@@ -71,7 +71,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   return restored['state']
 
 
-def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
+def subtree(tree: dict, path: tuple[str, ...]) -> dict:
+  """tree[path[0]][path[1]]..."""
   for key in path:
     tree = tree[key]
   return tree
@@ -87,7 +88,7 @@ def _write_msgpack(path: str, tree: dict) -> None:
 def _subtree_or_empty(tree: dict, path: tuple[str, ...]) -> dict:
   # A module without variables (a set encoder without rho) has no entry at all.
   try:
-    return _subtree(tree, path)
+    return subtree(tree, path)
   except KeyError:
     return {}
 
@@ -100,8 +101,8 @@ def export_backbone(workdir: str, variables: dict, encoder_path: tuple[str, ...]
   SET_ENCODER_FILE so scan-level evaluation can pool slice features as pretraining did.
   """
   encoder = {
-      'params': _subtree(variables['params'], encoder_path),
-      'batch_stats': _subtree(variables['batch_stats'], encoder_path),
+      'params': subtree(variables['params'], encoder_path),
+      'batch_stats': subtree(variables['batch_stats'], encoder_path),
   }
   path = os.path.join(workdir, BACKBONE_FILE)
   _write_msgpack(path, encoder)
@@ -148,7 +149,7 @@ def insert_backbone(variables: dict, encoder: dict, encoder_path: tuple[str, ...
   """Returns variables with the encoder subtree replaced by `encoder`, checking every shape."""
   out = {}
   for collection in ('params', 'batch_stats'):
-    target = _subtree(variables[collection], encoder_path)
+    target = subtree(variables[collection], encoder_path)
     loaded = encoder[collection]
     target_shapes = jax.tree.map(np.shape, target)
     loaded_shapes = jax.tree.map(np.shape, loaded)
@@ -157,11 +158,12 @@ def insert_backbone(variables: dict, encoder: dict, encoder_path: tuple[str, ...
                         'config\'s model (check model.backbone, model.width_multiplier, '
                         'model.small_stem and data.channels)')
     new = jax.tree.map(lambda t, l: np.asarray(l, dtype=t.dtype), target, loaded)
-    out[collection] = _replace(variables[collection], encoder_path, new)
+    out[collection] = replace_subtree(variables[collection], encoder_path, new)
   return {**variables, **out}
 
 
-def _replace(tree: dict, path: tuple[str, ...], value: Any) -> dict:
+def replace_subtree(tree: dict, path: tuple[str, ...], value: Any) -> dict:
+  """A copy of tree with the subtree at path replaced by value (tree itself is not changed)."""
   if not path:
     return value
-  return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
+  return {**tree, path[0]: replace_subtree(tree[path[0]], path[1:], value)}

@@ -55,28 +55,82 @@ def _pair_increasing() -> tuple[Callable[[Any], bool], str]:
   return ok, 'a pair (low, high) with low < high'
 
 
+def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+  return ((lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low),
+          f'an integer >= {low}')
+
+
+def _bool() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: isinstance(v, bool)), 'True or False'
+
+
+def _text() -> tuple[Callable[[Any], bool], str]:
+  # Paths and names whose meaning the reader checks (a file that must exist, a CSV's columns).
+  return (lambda v: isinstance(v, str)), 'a string'
+
+
+def _spacing(allow_empty: bool) -> tuple[Callable[[Any], bool], str]:
+  def ok(v):
+    if allow_empty and isinstance(v, (tuple, list)) and len(v) == 0:
+      return True
+    return (isinstance(v, (tuple, list)) and len(v) == 3 and
+            all(isinstance(x, (int, float)) and x > 0 for x in v))
+  return ok, 'three positive voxel sizes in mm (slice, row, column)' + (
+      ' or () to keep each scan\'s own' if allow_empty else '')
+
+
+def _numbers() -> tuple[Callable[[Any], bool], str]:
+  def ok(v):
+    return (isinstance(v, (tuple, list)) and len(v) > 0 and
+            all(isinstance(x, (int, float)) and x >= 0 for x in v))
+  return ok, 'a non-empty list of numbers >= 0'
+
+
 def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
+  """A check for every key of configs/base.py (a test keeps the two in step)."""
   # Imported here so that validating a config does not import the model or data stacks.
   from data_pipelines.intensity import POLICIES
   from data_pipelines.orientation import SLICE_AXES
   from data_pipelines.sources import SOURCES
-  from dsset.methods import METHODS
+  from dsset.evaluate.features import LEVELS, SCAN_FEATURES
   from dsset.models import BACKBONES
+  from dsset.optim import OPTIMIZERS
   return {
-      'method': _one_of(*sorted(METHODS)),
+      'seed': _int_at_least(0),
+      'init_from': _text(),
       'data.source': _one_of(*sorted(SOURCES)),
-      'data.image_size': ((lambda v: isinstance(v, int) and v >= 16), 'an integer >= 16'),
+      'data.path': _text(),
+      'data.image_size': _int_at_least(16),
       'data.channels': _one_of(1, 3),
       'data.set_size': _positive_int(),
       'data.window': _open_unit(),
+      'data.variable_set_size': _bool(),
       'data.slice_axis': _one_of(*SLICE_AXES),
       'data.intensity': _one_of(*POLICIES),
       'data.ct_window': _pair_increasing(),
       'data.mri_percentiles': _range(0.0, 100.0),
+      'data.labels_csv': _text(),
+      'data.masks_path': _text(),
+      'data.cache_dir': _text(),
+      'data.cache_max_gb': _non_negative(),
       'data.on_bad_scan': _one_of('skip', 'stop'),
-      'data.num_workers': ((lambda v: isinstance(v, int) and v >= 0), 'an integer >= 0'),
+      'data.max_voxels': _positive_int(),
+      'data.num_workers': _int_at_least(0),
+      'data.prefetch_buffer': _positive_int(),
+      'data.read_threads': _positive_int(),
+      'data.decoded_cache_scans': _int_at_least(0),
+      'data.default_spacing': _spacing(allow_empty=False),
+      'data.target_spacing': _spacing(allow_empty=True),
       'data.val_fraction': _probability(),
       'data.test_fraction': _probability(),
+      'data.phantom.num_scans': _positive_int(),
+      'data.phantom.extra_eval_scans': _int_at_least(0),
+      'data.phantom.extra_train_scans': _int_at_least(0),
+      'data.phantom.depth': _int_at_least(8),
+      'data.phantom.height': _int_at_least(8),
+      'data.phantom.width': _int_at_least(8),
+      'data.phantom.seed': _int_at_least(0),
+      'data.phantom.noise_hu': _non_negative(),
       'augment.crop_scale': _range(1e-6, 1.0),
       'augment.crop_ratio': _range(1e-6, 1e6),
       'augment.flip_prob': _probability(),
@@ -85,33 +139,61 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'augment.blur_prob': _probability(),
       'augment.blur_sigma': _range(1e-6, 1e3),
       'model.backbone': _one_of(*sorted(BACKBONES)),
+      'model.small_stem': _bool(),
       'model.width_multiplier': _positive(),
       'model.pooling': _one_of('sum', 'mean'),
+      'model.rho': _bool(),
       'model.head_hidden': _positive_int(),
       'model.head_out': _positive_int(),
       'model.dtype': _one_of('auto', 'float32', 'bfloat16'),
       'model.cpu_fast_path': _one_of('auto', 'on', 'off'),
       'loss.temperature': _positive(),
+      'loss.same_scan_positives': _bool(),
       'train.batch_size': _positive_int(),
       'train.num_steps': _positive_int(),
-      'train.optimizer': _one_of('adam', 'sgd', 'lars'),
+      'train.optimizer': _one_of(*OPTIMIZERS),
       'train.learning_rate': _positive(),
       'train.momentum': _probability(),
       'train.weight_decay': _non_negative(),
-      'train.warmup_steps': ((lambda v: isinstance(v, int) and v >= 0), 'an integer >= 0'),
+      'train.warmup_steps': _int_at_least(0),
       'train.schedule': _one_of('cosine', 'constant'),
       'train.grad_clip_norm': _non_negative(),
       'train.log_every_steps': _positive_int(),
       'train.on_nonfinite': _one_of('stop', 'skip'),
+      'monitor.enabled': _bool(),
       'monitor.learning_rate': _positive(),
       'checkpoint.every_steps': _positive_int(),
       'checkpoint.max_to_keep': _positive_int(),
+      'distributed.enabled': _one_of('auto', 'on', 'off'),
+      'distributed.coordinator_address': _text(),
+      'distributed.num_processes': _int_at_least(0),
+      'distributed.process_id': _int_at_least(-1),
+      'evaluate.level': _one_of(*LEVELS),
+      'evaluate.scan_features': _one_of(*SCAN_FEATURES),
+      'evaluate.label_fraction': ((lambda v: isinstance(v, (int, float)) and 0 < v <= 1),
+                                  'a number in (0, 1]'),
+      'evaluate.batch_size': _positive_int(),
+      'evaluate.weight_decays': _numbers(),
+      'evaluate.knn_k': _positive_int(),
+      'evaluate.knn_temperature': _positive(),
+      'evaluate.segment_freeze_steps': _int_at_least(0),
+      'evaluate.segment_num_classes': ((lambda v: isinstance(v, int) and (v == 0 or v >= 2)),
+                                       '0 (from the masks) or an integer >= 2'),
   }
 
 
+def rules(config) -> dict[str, tuple[Callable[[Any], bool], str]]:
+  """Every key's check: the shared keys', then those of the config's method."""
+  from dsset.methods import method_class
+  return {**_rules(), **method_class(config).config_rules}
+
+
 def validate(config) -> None:
-  """Raises ConfigError for the first key whose value cannot work."""
-  for key, (ok, expected) in _rules().items():
+  """Raises ConfigError for the first key whose value cannot work (method first: it decides which
+  other keys exist)."""
+  from dsset.methods import method_class
+  method = method_class(config)
+  for key, (ok, expected) in rules(config).items():
     try:
       value = _get(config, key)
     except (KeyError, AttributeError):
@@ -124,6 +206,4 @@ def validate(config) -> None:
   if config.data.source != 'phantom' and not config.data.path:
     raise ConfigError(f'config key data.path is empty; data.source={config.data.source!r} '
                       'needs the folder or file to read')
-  if config.method in ('simclr', 'perscan') and config.data.set_size != 1:
-    raise ConfigError(f'config key data.set_size={config.data.set_size} must be 1 for '
-                      f'method={config.method!r} (only deepset contrasts sets)')
+  method.check_config(config)

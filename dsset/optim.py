@@ -6,6 +6,11 @@ import jax
 import optax
 
 
+# adam: L2-style decay added to the gradient (as the reference PyTorch code); adamw: decoupled decay
+# (fine-tuning and segmentation); sgd with momentum; lars.
+OPTIMIZERS = ('adam', 'adamw', 'sgd', 'lars')
+
+
 def learning_rate_schedule(train_config) -> optax.Schedule:
   """Linear warm-up from 0, then cosine decay to 0 at num_steps (or constant)."""
   peak = float(train_config.learning_rate)
@@ -25,7 +30,7 @@ def _decay_mask(params):
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
-  """adam (with L2-style decay as in the reference PyTorch code), sgd + momentum, or lars."""
+  """The optimiser train.optimizer names (OPTIMIZERS), with train.* settings."""
   schedule = learning_rate_schedule(train_config)
   wd = float(train_config.weight_decay)
   parts = []
@@ -34,6 +39,8 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
   if train_config.optimizer == 'lars':
     parts.append(optax.lars(schedule, weight_decay=wd, weight_decay_mask=_decay_mask,
                             trust_ratio_mask=_decay_mask, momentum=train_config.momentum))
+  elif train_config.optimizer == 'adamw':
+    parts.append(optax.adamw(schedule, weight_decay=wd, mask=_decay_mask))
   else:
     if wd > 0:
       parts.append(optax.add_decayed_weights(wd, mask=_decay_mask))

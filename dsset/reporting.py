@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import tqdm
 
 
@@ -75,3 +76,18 @@ class Reporter:
       self._bar.close()
     self._tb.close()
     self._jsonl.close()
+
+
+def read_metric(workdir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of one metric from workdir/metrics.jsonl, in step order; the last record of
+  a step wins (a step is logged again only when a crash lost its checkpoint)."""
+  by_step = {}
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        if key in record:
+          by_step[int(record['step'])] = float(record[key])
+  steps = np.asarray(sorted(by_step), np.int64)
+  return steps, np.asarray([by_step[s] for s in steps], np.float64)

@@ -1,14 +1,18 @@
-"""The one training loop: init (sharded), step, checkpoint, log, resume.
+"""The one training loop, for every method: init (sharded), step, checkpoint, log, resume, finish.
 
-The state is a plain dict pytree (params, batch_stats, opt_state, the online probe's params and
-optimiser state, step, rng, count of skipped non-finite steps). It is created already replicated on
-the device mesh from abstract shapes, donated to the jitted step, and saved whole with the data
-iterator's position, so a second run on the same workdir continues with the next batch.
+Pretraining and downstream heads (linear probe, fine-tuning, segmentation) run through it alike; the
+method (dsset.methods) supplies the batches, variables, loss and what happens at the end (an encoder
+export, or eval.json). The state is a plain dict pytree (params, batch_stats, opt_state, the online
+probe's params and optimiser state, step, rng, count of skipped non-finite steps). It is created
+already replicated on the device mesh from abstract shapes, donated to the jitted step, and saved
+whole with the data iterator's position, so a second run on the same workdir continues with the
+next batch.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -17,11 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data_pipelines import pipeline
-from data_pipelines.sources import make_source
 from dsset import checkpointing, config_validation, optim, parallel, preemption
-from dsset.methods import METHODS
-from dsset.models import LinearHead, feature_dim
+from dsset.methods import Method, make_method
+from dsset.models import LinearHead
 from dsset.reporting import Reporter
 
 
@@ -78,27 +80,26 @@ def prepare_workdir(workdir: str, config) -> str:
 
 
 class Trainer:
-  """Builds the pure step and state functions for one config."""
+  """Builds the pure state and step functions of one method."""
 
-  def __init__(self, config, num_classes: int):
+  def __init__(self, config, method: Method):
     self.config = config
-    self.method = METHODS[config.method](config)
+    self.method = method
     self.tx = optim.make_optimizer(config.train)
     self.schedule = optim.learning_rate_schedule(config.train)
-    self.num_classes = num_classes if config.monitor.enabled else 0
+    self.num_classes = method.monitor_classes
     self.probe = LinearHead(num_classes=max(self.num_classes, 1))
     self.probe_tx = optax.adam(float(config.monitor.learning_rate))
-    # The set encoder (sum/mean pooling, rho) keeps the backbone's feature length.
-    self.feature_dim = feature_dim(config.model)
 
   def init_state(self, rng: jax.Array) -> dict[str, Any]:
     model_rng, probe_rng, state_rng = jax.random.split(rng, 3)
     variables = self.method.init(model_rng)
-    probe_params = self.probe.init(probe_rng, jnp.zeros((1, self.feature_dim)))['params']
+    probe_params = self.probe.init(
+        probe_rng, jnp.zeros((1, max(self.method.monitor_dim, 1))))['params']
     return {
         'step': jnp.zeros((), jnp.int32),
         'params': variables['params'],
-        'batch_stats': variables['batch_stats'],
+        'batch_stats': variables.get('batch_stats', {}),
         'opt_state': self.tx.init(variables['params']),
         'probe_params': probe_params,
         'probe_opt_state': self.probe_tx.init(probe_params),
@@ -124,17 +125,20 @@ class Trainer:
     accuracy = jnp.sum(correct * valid) / jnp.maximum(valid.sum(), 1.0)
     return optax.apply_updates(state['probe_params'], updates), opt_state, loss, accuracy
 
-  def train_step(self, state, batch):
+  def train_step(self, state, batch, phase):
     rng = jax.random.fold_in(state['rng'], state['step'])
 
     def loss_fn(params):
-      return self.method.loss(params, state['batch_stats'], batch, rng, train=True)
+      return self.method.loss(params, state['batch_stats'], batch, rng, phase)
 
-    (loss, (batch_stats, metrics, features)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state['params'])
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     grad_norm = optax.global_norm(grads)
     updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
+    for path in self.method.frozen_paths(phase):
+      # Decoupled weight decay would still move parameters whose gradient is zero.
+      params = checkpointing.replace_subtree(params, path,
+                                             checkpointing.subtree(state['params'], path))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step is never applied. In 'stop' mode the state also freezes after the first
     # one, so whatever the host saves later is the last good state.
@@ -146,18 +150,17 @@ class Trainer:
     new_state.update(
         step=state['step'] + 1,
         params=keep(params, state['params']),
-        batch_stats=keep(batch_stats, state['batch_stats']),
+        batch_stats=keep(out.batch_stats, state['batch_stats']),
         opt_state=keep(opt_state, state['opt_state']),
         nonfinite_steps=state['nonfinite_steps'] + (~finite).astype(jnp.int32),
     )
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+    metrics = dict(out.metrics, loss=loss, grad_norm=grad_norm,
                    param_norm=optax.global_norm(state['params']),
                    learning_rate=self.schedule(state['step']),
                    nonfinite=(~finite).astype(jnp.float32))
-    if self.num_classes:
-      labels = jnp.concatenate([batch['label'], batch['label']], axis=0)
+    if self.num_classes and out.monitor_features is not None:
       probe_params, probe_opt, probe_loss, probe_acc = self._probe_update(
-          state, features, labels)
+          state, out.monitor_features, out.monitor_labels)
       new_state.update(probe_params=keep(probe_params, state['probe_params']),
                        probe_opt_state=keep(probe_opt, state['probe_opt_state']))
       metrics.update(probe_loss=probe_loss, probe_accuracy=probe_acc)
@@ -172,29 +175,43 @@ def _mean_metrics(window: list[dict[str, jax.Array]]) -> tuple[dict[str, float],
   return {k: float(np.mean([m[k] for m in host])) for k in keys}, first_bad
 
 
-def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
-  """Pretrains per config in workdir (resuming if it holds a checkpoint); returns final metrics.
+def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
+  """Runs what `config` describes in workdir (resuming if it holds a checkpoint): trains the
+  config's method, then finishes it (encoder export, or evaluation and eval.json).
 
+  Returns the method's result (for evaluations, the content of eval.json).
   devices: the devices to train on (default: every device of every process).
   """
   parallel.initialize_distributed(config.distributed)
   config_validation.validate(config)
+  method = make_method(config)
   workdir = prepare_workdir(workdir, config)
   enable_compilation_cache()
   mesh = parallel.make_mesh(devices)
-  parallel.check_batch_size(config.train.batch_size, mesh)
   is_main = jax.process_index() == 0
+  variables = None
+  if method.trains:
+    parallel.check_batch_size(config.train.batch_size, mesh)
+    variables = _train(config, method, workdir, mesh)
+  result = {}
+  if is_main:
+    result = method.finish(variables, workdir)
+    print(method.summary(result, workdir), file=sys.stderr, flush=True)
+  return result
 
-  # Built once: the pipeline reuses it (a NIfTI or DICOM folder's source reads every header).
-  train_source = make_source(config.data, 'train')
-  trainer = Trainer(config, train_source.num_classes)
+
+def _train(config, method: Method, workdir: str, mesh) -> dict[str, Any]:
+  """Trains to train.num_steps; returns the final {'params', 'batch_stats'} on the host."""
+  is_main = jax.process_index() == 0
+  train_iter = method.make_train_iterator(jax.process_index(), jax.process_count(),
+                                          batch_multiple=mesh.devices.size)
+  trainer = Trainer(config, method)
   repl = parallel.replicated(mesh)
   abstract = jax.eval_shape(trainer.init_state, jax.random.PRNGKey(config.seed))
   state_sharding = jax.tree.map(lambda _: repl, abstract)
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
                           abstract)
 
-  train_iter = pipeline.make_train_iterator(config, source=train_source)
   manager = checkpointing.make_manager(workdir, config.checkpoint)
   start_step = manager.latest_step() or 0
   if start_step:
@@ -203,17 +220,15 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     state = jax.jit(trainer.init_state, out_shardings=state_sharding)(
         jax.random.PRNGKey(config.seed))
     if config.init_from:
-      state = _init_encoder_from(config, trainer, state, state_sharding)
+      state = _init_encoder_from(method, state, state_sharding)
 
   num_steps = int(config.train.num_steps)
   reporter = Reporter(workdir, num_steps, start_step, enabled=is_main)
   if start_step:
     reporter.message(f'Resuming from the checkpoint at step {start_step} in {workdir}')
-  step_fn = jax.jit(trainer.train_step, donate_argnums=0,
+  step_fn = jax.jit(trainer.train_step, donate_argnums=0, static_argnums=2,
                     out_shardings=(state_sharding, repl))
-  images_per_step = config.train.batch_size * trainer.method.images_per_example()
   window: list[dict[str, jax.Array]] = []
-  last: dict[str, float] = {}
   tick = time.perf_counter()
   steps_in_window = 0
   step = start_step
@@ -221,7 +236,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     try:
       for step in range(start_step + 1, num_steps + 1):
         batch = parallel.global_batch(next(train_iter), mesh)
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, method.phase(step))
+        # From the batch itself: a full-batch probe's batch is its train split, not train.batch_size.
+        images_per_step = len(next(iter(batch.values()))) * method.images_per_example()
         if step == start_step + 1:
           # The first call compiles; keep that out of the throughput figures.
           jax.block_until_ready(metrics)
@@ -246,7 +263,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
               + 'Lower train.learning_rate, set train.grad_clip_norm, or set '
               'train.on_nonfinite=skip to skip such steps.')
         elapsed = time.perf_counter() - tick
-        if steps_in_window > 0:
+        if steps_in_window > 0 and images_per_step:
           last['images_per_s'] = images_per_step * steps_in_window / max(elapsed, 1e-9)
         last['skipped_steps'] = float(jax.device_get(state['nonfinite_steps']))
         last.pop('nonfinite')
@@ -264,26 +281,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     reporter.message(f'Stopped by {stop.name} after step {step}; the checkpoint is saved. Run the '
                      'same command again to resume.')
     raise Interrupted(step, stop.signum)
-  if is_main:
-    backbone = checkpointing.export_backbone(
-        workdir, {'params': state['params'], 'batch_stats': state['batch_stats']},
-        trainer.method.encoder_path, config.model, trainer.method.set_encoder_path)
-    reporter.message(
-        f'Done: {num_steps} steps. Results in {workdir}:\n'
-        f'  metrics.jsonl (per-step metrics), checkpoints/ (resume), {os.path.basename(backbone)} '
-        f'(encoder for downstream), TensorBoard: tensorboard --logdir {workdir}')
-  return last
+  return jax.device_get({'params': state['params'], 'batch_stats': state['batch_stats']})
 
 
-def _init_encoder_from(config, trainer: Trainer, state, state_sharding):
-  encoder, source_model = checkpointing.load_backbone(config.init_from)
-  if source_model.get('backbone') != config.model.backbone:
-    raise config_validation.ConfigError(
-        f'config key init_from={config.init_from!r} holds a {source_model.get("backbone")} '
-        f'encoder but model.backbone={config.model.backbone!r}')
+def _init_encoder_from(method: Method, state, state_sharding):
   host = jax.device_get({'params': state['params'], 'batch_stats': state['batch_stats']})
-  variables = checkpointing.insert_backbone(host, encoder, trainer.method.encoder_path,
-                                            config.init_from)
-  state = dict(state, **variables)
+  state = dict(state, **method.load_init_from(host))
   return jax.device_put(state, state_sharding)
-

@@ -9,18 +9,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Tiny model and data so each invocation compiles and runs in seconds.
-TINY = [
-    '--config.data.image_size=32', '--config.data.phantom.num_scans=16',
-    '--config.data.phantom.depth=12', '--config.data.phantom.height=32',
-    '--config.data.phantom.width=32', '--config.model.backbone=resnet10',
-    '--config.model.width_multiplier=0.125',
-    '--config.model.head_hidden=32', '--config.model.head_out=16',
-    '--config.train.batch_size=8', '--config.train.log_every_steps=1',
-    # A constant schedule keeps the compiled step independent of num_steps, so the second
-    # invocation reuses the first one's compilation from the cache.
-    '--config.train.schedule=constant', '--config.train.warmup_steps=0',
-]
+# With the configs' :tiny variant (tiny model and data), each invocation compiles and runs in
+# seconds. A constant schedule keeps the compiled step independent of num_steps, so a second
+# invocation reuses the first one's compilation from the cache.
+TINY = ['--config.train.schedule=constant', '--config.train.warmup_steps=0']
 
 
 def run_cli(*args, timeout=300):
@@ -32,8 +24,7 @@ def run_cli(*args, timeout=300):
 
 def test_second_invocation_resumes_and_logs_only_new_steps(tmp_path):
   workdir = str(tmp_path / 'run')
-  common = ['--config=configs/deepset.py', f'--workdir={workdir}', *TINY,
-            '--config.data.set_size=2']
+  common = ['--config=configs/deepset.py:tiny', f'--workdir={workdir}', *TINY]
   first = run_cli(*common, '--config.train.num_steps=3')
   assert first.returncode == 0, first.stderr
   second = run_cli(*common, '--config.train.num_steps=6')

@@ -7,31 +7,20 @@ import jax
 import numpy as np
 import pytest
 
-from configs import base
+import configs.deepset
+import configs.perscan
+import configs.simclr
 from dsset import train
+from dsset.methods import contrastive
 from dsset.config_validation import ConfigError, validate
+
+CONFIG_FILES = {'simclr': configs.simclr, 'perscan': configs.perscan, 'deepset': configs.deepset}
 
 
 def tiny_config(method: str, **overrides):
-  """A config small enough to compile and run a few steps in seconds on 2 CPU cores."""
-  c = base.get_config()
-  c.method = method
-  c.data.set_size = 2 if method == 'deepset' else 1
-  c.data.window = 0.5 if method == 'deepset' else 0.2
-  c.data.image_size = 32
-  c.data.phantom.num_scans = 16
-  c.data.phantom.depth = 12
-  c.data.phantom.height = 32
-  c.data.phantom.width = 32
-  c.model.backbone = 'resnet10'
-  c.model.width_multiplier = 0.125
-  c.model.head_hidden = 32
-  c.model.head_out = 16
-  c.train.batch_size = 8
+  """The method's config file with its :tiny variant (seconds on 2 CPU cores), 2 steps."""
+  c = CONFIG_FILES[method].get_config('tiny')
   c.train.num_steps = 2
-  c.train.warmup_steps = 1
-  c.train.log_every_steps = 1
-  c.checkpoint.every_steps = 100
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split('.')
@@ -118,6 +107,6 @@ def test_train_split_source_is_built_once(tmp_path, monkeypatch):
     return real(data_config, split)
 
   monkeypatch.setattr(sources, 'make_source', counting)
-  monkeypatch.setattr(train, 'make_source', counting)
+  monkeypatch.setattr(contrastive, 'make_source', counting)
   train.train_and_evaluate(tiny_config('simclr', **{'train.num_steps': 1}), str(tmp_path))
   assert calls.count('train') == 1

@@ -1,29 +1,23 @@
-"""Segmentation evaluation: a U-Net decoder on the encoder, trained end to end on voxel masks.
+"""Segmentation pieces: slices with their masks, Dice (hard, for the report; soft, for the loss),
+batched prediction, and which test slices to show. The method that trains and reports is
+dsset.methods.segment.
 
 Examples are 2D slices with their mask slice (images resized bilinearly to data.image_size, masks
-with nearest neighbour so that ids stay ids). Training uses a seeded label fraction of the train
-scans (evaluate.label_fraction, by scan), the loss is soft multi-class Dice + cross-entropy, and the
-optimiser AdamW; the first evaluate.segment_freeze_steps steps can keep the encoder frozen. No
-augmentation: the comparison is about the starting encoder. Dice is reported on the test split.
+with nearest neighbour so that ids stay ids).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from data_pipelines import samplers
 from data_pipelines.errors import DataError
 from data_pipelines.sources import make_source
-from dsset import checkpointing
 from dsset.config_validation import ConfigError
-from dsset.evaluate import features, plots
-from dsset.models import make_backbone, unet
+from dsset.evaluate import features
+from dsset.models import unet
 
 PLOT_FILES = {'curve': 'segment_curve.png', 'grid': 'segmentation_grid.png'}
 GRID_ROWS = 4  # test slices shown in the image / ground truth / prediction grid
@@ -92,7 +86,7 @@ def read_split(config, split: str, keep_fraction: float = 1.0) -> tuple[np.ndarr
   return np.concatenate(images), np.concatenate(masks)
 
 
-def _num_classes(config, train_masks: np.ndarray) -> int:
+def num_classes(config, train_masks: np.ndarray) -> int:
   configured = int(config.evaluate.segment_num_classes)
   if configured < 0 or configured == 1:
     raise ConfigError(f'config key evaluate.segment_num_classes={configured} is invalid: expected '
@@ -102,55 +96,6 @@ def _num_classes(config, train_masks: np.ndarray) -> int:
     raise DataError(f'the train masks hold id {largest} but config key '
                     f'evaluate.segment_num_classes={configured}')
   return configured or max(2, largest + 1)
-
-
-def initial_variables(config, model: unet.SegmentationModel, image_shape: tuple[int, ...]) -> dict:
-  """Random decoder (seeded with config.seed); the encoder of config.init_from when given."""
-  rng = jax.random.key(int(config.seed), impl='rbg')
-  variables = jax.device_get(jax.jit(
-      lambda r: model.init(r, jnp.zeros((1, *image_shape)), train=False))(rng))
-  if config.init_from:
-    encoder, _ = checkpointing.load_backbone(config.init_from)
-    variables = checkpointing.insert_backbone(variables, encoder, unet.ENCODER_PATH,
-                                              config.init_from)
-  return variables
-
-
-def train_segmenter(config, model: unet.SegmentationModel, variables: dict, images: np.ndarray,
-                    masks: np.ndarray) -> tuple[dict, np.ndarray]:
-  """Trains on random slices; returns ({'params', 'batch_stats'}, loss per step)."""
-  ev = config.evaluate
-  num_classes = model.num_classes
-  tx = optax.adamw(float(ev.segment_learning_rate), weight_decay=float(ev.segment_weight_decay))
-  params, batch_stats = variables['params'], variables['batch_stats']
-  opt_state = tx.init(params)
-
-  def step(params, batch_stats, opt_state, x, y, train_encoder):
-    def loss_fn(p):
-      logits, updates = model.apply({'params': p, 'batch_stats': batch_stats},
-                                    features.normalise_images(x), train=True,
-                                    train_encoder=train_encoder, mutable=['batch_stats'])
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return ce + soft_dice_loss(logits, y, num_classes), updates['batch_stats']
-
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    if not train_encoder:
-      # AdamW's weight decay would still shrink a frozen encoder: keep its weights as they were.
-      new_params = {**new_params, 'backbone': params['backbone']}
-    return new_params, new_stats, opt_state, loss
-
-  step = jax.jit(step, static_argnames='train_encoder')
-  sampler = np.random.default_rng(int(config.seed))
-  batch_size, freeze = int(ev.segment_batch_size), int(ev.segment_freeze_steps)
-  losses = []
-  for index in range(int(ev.segment_steps)):
-    picks = sampler.integers(len(images), size=batch_size)
-    params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, images[picks],
-                                                masks[picks], train_encoder=index >= freeze)
-    losses.append(float(loss))
-  return jax.device_get({'params': params, 'batch_stats': batch_stats}), np.asarray(losses)
 
 
 def predict(model: unet.SegmentationModel, variables: dict, images: np.ndarray,
@@ -167,56 +112,8 @@ def predict(model: unet.SegmentationModel, variables: dict, images: np.ndarray,
   return np.concatenate(out)
 
 
-def _grid_rows(masks: np.ndarray, count: int) -> np.ndarray:
+def grid_rows(masks: np.ndarray, count: int) -> np.ndarray:
   """Indices of `count` test slices spread over those with the most foreground."""
   foreground = (masks > 0).sum(axis=(1, 2))
   candidates = np.argsort(-foreground, kind='stable')[:max(count, len(masks) // 2)]
   return np.sort(candidates[np.linspace(0, len(candidates) - 1, count).astype(int)])
-
-
-def evaluate_segmentation(config, workdir: str) -> dict[str, Any]:
-  """Trains and tests a segmenter as `config` says; writes its plots to workdir and returns the
-  results (dsset.evaluate.run writes them to eval.json)."""
-  ev = config.evaluate
-  model_config = features.encoder_model_config(config)  # first: it names a missing export clearly
-  method = features.pretraining_method(config.init_from)
-  for key, low in (('segment_steps', 1), ('segment_batch_size', 1), ('segment_freeze_steps', 0)):
-    if int(ev[key]) < low:
-      raise ConfigError(f'config key evaluate.{key}={ev[key]} is invalid: expected an integer '
-                        f'>= {low}')
-  train_images, train_masks = read_split(config, 'train', float(ev.label_fraction))
-  test_images, test_masks = read_split(config, 'test')
-  num_classes = _num_classes(config, train_masks)
-  if int(test_masks.max()) >= num_classes:
-    raise DataError(f'the test masks hold id {int(test_masks.max())}, beyond the {num_classes} '
-                    'classes of the train masks; set evaluate.segment_num_classes')
-  model = unet.SegmentationModel(make_backbone(model_config), num_classes)
-  variables = initial_variables(config, model, train_images.shape[1:])
-  variables, losses = train_segmenter(config, model, variables, train_images, train_masks)
-  pred = predict(model, variables, test_images, int(ev.batch_size))
-  scores = dice(pred, test_masks, num_classes)
-  foreground = scores[1:][~np.isnan(scores[1:])]  # classes seen in the masks or predictions
-  dice_mean = float(foreground.mean()) if foreground.size else float('nan')
-  result = {
-      'dice_mean': dice_mean,
-      'dice_per_class': {str(c): float(scores[c]) for c in range(1, num_classes)},
-      'dice_background': float(scores[0]),
-      'num_classes': num_classes,
-      'method': method,
-      'init_from': config.init_from,
-      'kind': ev.kind,
-      'label_fraction': float(ev.label_fraction),
-      'seed': int(config.seed),
-      'backbone': model_config.backbone,
-      'segment_steps': int(ev.segment_steps),
-      'segment_freeze_steps': int(ev.segment_freeze_steps),
-      'num_examples': {'train': int(len(train_images)), 'test': int(len(test_images))},
-  }
-  title = f'{method}, segment ({ev.label_fraction:g} labels)'
-  plots.training_curve(losses, os.path.join(workdir, PLOT_FILES['curve']), title,
-                       'training step (mini-batch of slices)')
-  rows = _grid_rows(test_masks, min(GRID_ROWS, len(test_masks)))
-  plots.segmentation_grid(test_images[rows, :, :, 0], test_masks[rows], pred[rows], num_classes,
-                          os.path.join(workdir, PLOT_FILES['grid']),
-                          f'{title}: test Dice {dice_mean:.3f}')
-  return result

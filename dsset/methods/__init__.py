@@ -1,15 +1,42 @@
-"""Registry of pretraining methods: config.method -> Method class.
+"""The method registry: config.method -> Method class (dsset.methods.base describes the interface).
 
-SimCLR, PS-SimCLR and DS-SimCLR share one model and one loss and differ only in how the host sampler
-draws the two views (METHODS.md section 1), so all three map to the same contrastive method.
+Pretraining methods and downstream heads are registered alike; the training loop trains, checkpoints
+and resumes whichever the config names. To add a method, write a Method subclass in a module of this
+package and add it here (tests may add their own entries to METHODS).
 """
 
-from dsset.methods.contrastive import ContrastiveMethod
+from dsset.config_validation import ConfigError
+from dsset.methods.base import Method, StepOutput
+from dsset.methods.contrastive import DeepSetMethod, PerScanMethod, SimclrMethod
+from dsset.methods.finetune import FinetuneMethod
+from dsset.methods.knn import KnnMethod
+from dsset.methods.linear_probe import LinearProbeMethod
+from dsset.methods.segment import SegmentMethod
 
-METHODS = {
-    'simclr': ContrastiveMethod,
-    'perscan': ContrastiveMethod,
-    'deepset': ContrastiveMethod,
+METHODS: dict[str, type[Method]] = {
+    # Pretraining (Torpey & Klein): which views are contrasted.
+    'simclr': SimclrMethod,
+    'perscan': PerScanMethod,
+    'deepset': DeepSetMethod,
+    # Downstream evaluation of an encoder (config key init_from, or random init).
+    'linear': LinearProbeMethod,
+    'knn': KnnMethod,
+    'finetune': FinetuneMethod,
+    'segment': SegmentMethod,
 }
 
-__all__ = ['METHODS', 'ContrastiveMethod']
+
+def method_class(config) -> type[Method]:
+  try:
+    return METHODS[config.method]
+  except KeyError:
+    raise ConfigError(f'config key method={config.method!r} is invalid: expected one of '
+                      f'{sorted(METHODS)}') from None
+
+
+def make_method(config) -> Method:
+  """The method the config names, built for it (cheap: no data is read)."""
+  return method_class(config)(config)
+
+
+__all__ = ['METHODS', 'Method', 'StepOutput', 'make_method', 'method_class']

@@ -1,17 +1,26 @@
-"""SimCLR-family pretraining: set encoder -> projection head -> NT-Xent over the global batch.
+"""The SimCLR family of Torpey & Klein: set encoder -> projection head -> NT-Xent over the global
+batch.
 
-With K = 1 slice per view the set encoder is the plain 2D encoder (SimCLR, PS-SimCLR); with K > 1
-it is the Deep Set of DS-SimCLR. Augmentation runs here, inside the jitted step, from one key per
-(example, view), so the host only ships uint8 slices.
+SimCLR, PS-SimCLR and DS-SimCLR share this model and loss and differ only in how the host sampler
+draws the two views: each is a subclass that names its sampler. With K = 1 slice per view the set
+encoder is the plain 2D encoder (SimCLR, PS-SimCLR); with K > 1 it is the Deep Set of DS-SimCLR.
+Augmentation runs inside the jitted step, from one key per (example, view), so the host only ships
+uint8 slices.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsset import augment, losses, models
+from data_pipelines import pipeline, samplers
+from data_pipelines.sources import make_source
+from dsset import augment, checkpointing, losses, models
+from dsset.config_validation import ConfigError
+from dsset.methods.base import Method, StepOutput
 
 # uint8 slices are scaled to [0, 1] by the augmentation, then centred so the stem sees zero-mean
 # inputs; BatchNorm after the stem makes the exact constants unimportant.
@@ -37,17 +46,16 @@ class ContrastiveModel(nn.Module):
     return h, z
 
 
-class ContrastiveMethod:
-  """The pure functions the training loop needs: init variables and the loss of one batch."""
+class ContrastiveMethod(Method):
+  """The shared part; subclasses choose the sampler (make_sampler) and K (set_size)."""
 
-  # Where the transferable 2D encoder lives inside the variables (for export and init_from): a
-  # Linen module passed as an attribute is named after the first parent attribute that holds it.
+  # Linen names a module passed as an attribute after the first parent attribute that holds it.
   encoder_path = ('backbone',)
   # The set encoder's own layers (rho), exported for scan-level evaluation.
   set_encoder_path = ('set_encoder',)
 
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     self.model = ContrastiveModel(
         backbone=models.make_backbone(config.model),
         pooling=config.model.pooling,
@@ -55,32 +63,41 @@ class ContrastiveMethod:
         head_hidden=config.model.head_hidden,
         head_out=config.model.head_out,
     )
+    self._num_classes = 0
 
   @property
   def set_size(self) -> int:
-    """K, slices per view: data.set_size for DS-SimCLR, one slice for the other two."""
-    return self.config.data.set_size if self.config.method == 'deepset' else 1
+    """K, slices per view."""
+    return 1
+
+  def make_sampler(self, source) -> samplers.ViewSampler:
+    raise NotImplementedError
+
+  def make_train_iterator(self, process_index=0, process_count=1, batch_multiple=1):
+    del batch_multiple  # train.batch_size was checked against the devices
+    # Built once and handed to the pipeline: a NIfTI or DICOM folder's source reads every header.
+    source = make_source(self.config.data, 'train')
+    self._num_classes = source.num_classes if self.config.monitor.enabled else 0
+    return pipeline.make_train_iterator(self.config, self.make_sampler(source),
+                                        process_index=process_index,
+                                        process_count=process_count)
+
+  @property
+  def monitor_classes(self) -> int:
+    return self._num_classes
+
+  @property
+  def monitor_dim(self) -> int:
+    return self.model.backbone.num_features
 
   def images_per_example(self) -> int:
     """Slices one example sends through the encoder (two views of K slices)."""
     return 2 * self.set_size
 
-  def example_batch(self, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes of one host batch (the batch contract of DESIGN.md)."""
-    d = self.config.data
-    k = self.set_size
-    return {
-        'views': jax.ShapeDtypeStruct((batch_size, 2, k, d.image_size, d.image_size, d.channels),
-                                      jnp.uint8),
-        'mask': jax.ShapeDtypeStruct((batch_size, 2, k), jnp.bool_),
-        'scan_id': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-        'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-    }
-
   def init(self, rng: jax.Array) -> dict:
-    shapes = self.example_batch()
-    views = jnp.zeros(shapes['views'].shape[2:], jnp.float32)[None]
-    mask = jnp.ones(shapes['mask'].shape[2:], bool)[None]
+    d = self.config.data
+    views = jnp.zeros((1, self.set_size, d.image_size, d.image_size, d.channels), jnp.float32)
+    mask = jnp.ones((1, self.set_size), bool)
     return self.model.init(rng, views, mask, train=False)
 
   def augmented_inputs(self, batch, rng):
@@ -95,14 +112,64 @@ class ContrastiveMethod:
     mask = jnp.concatenate([batch['mask'][:, 0], batch['mask'][:, 1]], axis=0)
     return views, mask
 
-  def loss(self, params, batch_stats, batch, rng, train: bool = True):
-    """Returns (loss, (new_batch_stats, metrics, representations h [2B, D]))."""
+  def loss(self, params, batch_stats, batch, rng, phase):
+    del phase
     views, mask = self.augmented_inputs(batch, rng)
     variables = {'params': params, 'batch_stats': batch_stats}
-    (h, z), updates = self.model.apply(variables, views, mask, train=train,
+    (h, z), updates = self.model.apply(variables, views, mask, train=True,
                                        mutable=['batch_stats'])
     z_a, z_b = jnp.split(z, 2, axis=0)
     ids = batch['scan_id'] if self.config.loss.same_scan_positives else None
     loss = losses.nt_xent(z_a, z_b, temperature=self.config.loss.temperature, ids=ids)
-    metrics = {'contrastive_loss': loss}
-    return loss, (updates['batch_stats'], metrics, h)
+    labels = jnp.concatenate([batch['label'], batch['label']], axis=0)
+    return loss, StepOutput(updates['batch_stats'], {'contrastive_loss': loss}, h, labels)
+
+  def finish(self, variables, workdir) -> dict[str, Any]:
+    path = checkpointing.export_backbone(workdir, variables, self.encoder_path, self.config.model,
+                                         self.set_encoder_path)
+    return {'backbone': path}
+
+  def summary(self, result, workdir) -> str:
+    return (f'Done: {self.config.train.num_steps} steps. Results in {workdir}:\n'
+            '  metrics.jsonl (per-step metrics), checkpoints/ (resume), '
+            f'{checkpointing.BACKBONE_FILE} (encoder for downstream), '
+            f'TensorBoard: tensorboard --logdir {workdir}')
+
+
+class _SingleSliceMethod(ContrastiveMethod):
+  """A method whose views are single slices (K = 1)."""
+
+  @classmethod
+  def check_config(cls, config):
+    if config.data.set_size != 1:
+      raise ConfigError(f'config key data.set_size={config.data.set_size} must be 1 for '
+                        f'method={config.method!r} (only DS-SimCLR contrasts sets)')
+
+
+class SimclrMethod(_SingleSliceMethod):
+  """SimCLR: both views augment one slice drawn uniformly from all slices of all scans."""
+
+  def make_sampler(self, source):
+    d = self.config.data
+    return samplers.SimclrSampler(source, int(d.image_size), int(d.channels))
+
+
+class PerScanMethod(_SingleSliceMethod):
+  """PS-SimCLR: the views are slices i and i + ceil(omega * n) of one scan."""
+
+  def make_sampler(self, source):
+    d = self.config.data
+    return samplers.PerScanSampler(source, int(d.image_size), int(d.channels), float(d.window))
+
+
+class DeepSetMethod(ContrastiveMethod):
+  """DS-SimCLR: each view is a set of K evenly spaced slices of a random window of one scan."""
+
+  @property
+  def set_size(self) -> int:
+    return int(self.config.data.set_size)
+
+  def make_sampler(self, source):
+    d = self.config.data
+    return samplers.DeepSetSampler(source, int(d.image_size), int(d.channels), float(d.window),
+                                   int(d.set_size), bool(d.variable_set_size))

@@ -8,6 +8,7 @@ import pytest
 from configs import base
 from data_pipelines import pipeline
 from data_pipelines.errors import DataError
+from dsset.methods import make_method
 
 
 def small_config(method='deepset', **train):
@@ -37,7 +38,7 @@ def assert_same_batches(first, second):
 def test_batches_follow_the_contract(method, k):
   config = small_config(method)
   config.data.channels = 3
-  batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+  batch = next(make_method(config).make_train_iterator(0, 1))
   assert batch['views'].shape == (4, 2, k, 16, 16, 3) and batch['views'].dtype == np.uint8
   assert batch['mask'].shape == (4, 2, k) and batch['mask'].dtype == bool and batch['mask'].all()
   assert batch['scan_id'].shape == batch['label'].shape == (4,)
@@ -47,23 +48,23 @@ def test_batches_follow_the_contract(method, k):
 
 
 def test_defaults_to_jax_process_index_and_count():
-  batch = next(pipeline.make_train_iterator(small_config()))
+  batch = next(make_method(small_config()).make_train_iterator())
   assert batch['views'].shape[0] == 4
 
 
 def test_same_seed_same_batches_other_seed_other_batches():
   config = small_config()
-  first = take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 3)
-  again = take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 3)
+  first = take(make_method(config).make_train_iterator(0, 1), 3)
+  again = take(make_method(config).make_train_iterator(0, 1), 3)
   assert_same_batches(first, again)
   config.seed = 1
-  other = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+  other = next(make_method(config).make_train_iterator(0, 1))
   assert not np.array_equal(first[0]['views'], other['views'])
 
 
 def test_epochs_repeat_every_scan_in_a_new_order():
   config = small_config('perscan', batch_size=8)  # 8 training scans: one batch per epoch
-  iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  iterator = make_method(config).make_train_iterator(0, 1)
   epochs = [next(iterator)['scan_id'].tolist() for _ in range(3)]
   assert all(sorted(e) == list(range(8)) for e in epochs)
   assert len({tuple(e) for e in epochs}) > 1
@@ -71,19 +72,19 @@ def test_epochs_repeat_every_scan_in_a_new_order():
 
 def test_restored_iterator_gives_the_same_next_batches():
   config = small_config()
-  iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  iterator = make_method(config).make_train_iterator(0, 1)
   take(iterator, 2)
   state = json.loads(json.dumps(iterator.get_state()))  # what a checkpoint stores
   expected = take(iterator, 3)
-  restored = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  restored = make_method(config).make_train_iterator(0, 1)
   restored.set_state(state)
   assert_same_batches(take(restored, 3), expected)
 
 
 def test_hosts_split_one_global_stream():
   config = small_config()
-  whole = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
-  halves = [next(pipeline.make_train_iterator(config, process_index=p, process_count=2))
+  whole = next(make_method(config).make_train_iterator(0, 1))
+  halves = [next(make_method(config).make_train_iterator(p, 2))
             for p in range(2)]
   for key in whole:
     assert halves[0][key].shape[0] == 2
@@ -93,7 +94,7 @@ def test_hosts_split_one_global_stream():
 
 def test_batch_size_must_divide_by_processes():
   with pytest.raises(DataError, match='train.batch_size'):
-    pipeline.make_train_iterator(small_config(batch_size=5), process_index=0, process_count=2)
+    make_method(small_config(batch_size=5)).make_train_iterator(0, 2)
 
 
 def test_eval_dataset_gives_whole_scans_and_labelled_slices():
@@ -114,19 +115,19 @@ def test_eval_dataset_gives_whole_scans_and_labelled_slices():
 @pytest.mark.slow
 def test_two_worker_processes_give_the_same_batches_and_restore():
   config = small_config()
-  expected = take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 4)
+  expected = take(make_method(config).make_train_iterator(0, 1), 4)
   config.data.num_workers = 2
-  iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  iterator = make_method(config).make_train_iterator(0, 1)
   assert_same_batches(take(iterator, 2), expected[:2])
   state = json.loads(json.dumps(iterator.get_state()))
-  restored = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  restored = make_method(config).make_train_iterator(0, 1)
   restored.set_state(state)
   assert_same_batches(take(restored, 2), expected[2:])
 
 
 def test_preview_grid_is_written(tmp_path):
   from data_pipelines import preview
-  batch = next(pipeline.make_train_iterator(small_config(), process_index=0, process_count=1))
+  batch = next(make_method(small_config()).make_train_iterator(0, 1))
   rows = [('scan', batch['views'][i] / 255.0, batch['mask'][i]) for i in range(2)]
   rows[1][2][1, 2] = False  # a padded slice is drawn hatched, not as an image
   preview.write_grid(rows, str(tmp_path / 'grid.png'))

@@ -128,7 +128,7 @@ def test_resample_linear_and_nearest():
 
 @pytest.mark.parametrize('method', ['simclr', 'perscan', 'deepset'])
 def test_every_sampler_reads_dicom_and_prepared_sources(tmp_path, method):
-  from data_pipelines.samplers import make_sampler
+  from dsset.methods import make_method
   for p in range(2):
     ff.write_dicom_series(tmp_path / 'in' / 'train' / f'p{p}', ff.stored_values(seed=p), seed=p)
   config = _config('dicom', tmp_path / 'in', image_size=8)
@@ -136,7 +136,7 @@ def test_every_sampler_reads_dicom_and_prepared_sources(tmp_path, method):
   prepare.prepare(config, str(tmp_path / 'out'))
   for source in (make_source(config.data, 'train'),
                  make_source(_config('tfds', tmp_path / 'out').data, 'train')):
-    sampler = make_sampler(config, source)
+    sampler = make_method(config).make_sampler(source)
     if method == 'simclr':
       example = sampler.map(0)
     else:

@@ -150,14 +150,3 @@ def test_resize_slice_is_bilinear_uint8_repeated_to_channels():
   assert (out[..., 0] == out[..., 2]).all()
   assert (np.diff(out[0, :, 0].astype(int)) > 0).all()  # the ramp survives
   np.testing.assert_array_equal(samplers.resize_slice(np.full((5, 5), 0.5), 5, 1), 128)
-
-
-def test_make_sampler_checks_config_keys():
-  config = base.get_config()
-  config.data.window = 1.0
-  with pytest.raises(DataError, match='data.window'):
-    samplers.make_sampler(config, CountingSource([4]))
-  config = base.get_config()
-  config.method = 'mae'
-  with pytest.raises(DataError, match='method'):
-    samplers.make_sampler(config, CountingSource([4]))

@@ -15,17 +15,21 @@ def _separable(n, rng):
   return x.astype(np.float32), y
 
 
-def test_linear_probe_learns_a_linearly_separable_label():
+def test_choose_on_val_keeps_the_best_weight_decay_and_breaks_ties_towards_more_decay():
   rng = np.random.default_rng(0)
-  train_x, train_y = _separable(400, rng)
   val_x, val_y = _separable(100, rng)
-  test_x, test_y = _separable(300, rng)
-  probe = probes.fit_linear_probe(train_x, train_y, val_x, val_y, num_classes=4,
-                                  weight_decays=(0.0, 1e-3, 1.0), steps=300)
-  scores = probe.scores(test_x)
-  assert metrics.accuracy(test_y, scores.argmax(1)) > 0.95
-  assert probe.weight_decay in (0.0, 1e-3)  # a strong penalty hurts a separable problem
-  assert probe.loss_curve[-1] < probe.loss_curve[0]
+  mean, scale = probes.standardiser(val_x)
+  right = np.zeros((16, 4))
+  right[3, :] = [-1, -1, 1, 1]  # sign of feature 3 -> classes 2, 3
+  right[7, :] = [-1, 1, -1, 1]  # sign of feature 7 -> classes 1, 3
+  weights = np.stack([np.zeros((16, 4)), right, right])  # grid 0: always class 0
+  bias = np.zeros((3, 4))
+  probe = probes.choose_on_val(weights, bias, (0.0, 1e-3, 1e-2), mean, scale, val_x, val_y,
+                               {1e-2: np.array([2.0, 1.0])})
+  assert probe.weight_decay == 1e-2  # 1e-3 and 1e-2 tie on val: the simpler model wins
+  assert probe.val_accuracy[1e-2] > 0.95 and probe.val_accuracy[0.0] < 0.5
+  assert metrics.accuracy(val_y, probe.scores(val_x).argmax(1)) > 0.95
+  np.testing.assert_array_equal(probe.loss_curve, [2.0, 1.0])
 
 
 def test_knn_votes_for_the_nearest_cluster():

@@ -10,31 +10,29 @@ import numpy as np
 import pytest
 
 from configs import finetune, knn_eval, linear_eval
-from dsset import checkpointing, embed
+from dsset import checkpointing, embed, parallel, train
 from dsset.config_validation import ConfigError
-from dsset.evaluate import features, run
-from dsset.evaluate import finetune as finetune_lib
-from dsset.methods.contrastive import ContrastiveMethod
+from dsset.evaluate import features
+from dsset.methods import make_method
+from dsset.methods.contrastive import DeepSetMethod
+from dsset.methods.downstream import CLASSIFICATION_PLOTS
 
 
 def tiny_eval_config(module, **evaluate):
-  c = module.get_config()
-  c.data.image_size = 32
-  c.data.phantom.num_scans = 16
+  """The config file's :tiny variant with 8-slice scans; evaluate.* keys overridden."""
+  c = module.get_config('tiny')
   c.data.phantom.depth = 8
-  c.data.phantom.height = 32
-  c.data.phantom.width = 32
-  c.model.backbone = 'resnet10'
-  c.model.width_multiplier = 0.125
-  c.evaluate.batch_size = 32
-  c.evaluate.probe_steps = 20
   for key, value in evaluate.items():
     c.evaluate[key] = value
   return c
 
 
+def evaluate(config, workdir):
+  return train.train_and_evaluate(config, workdir)
+
+
 def test_linear_eval_random_init_writes_results_and_plots(tmp_path):
-  result = run.evaluate(tiny_eval_config(linear_eval, label_fraction=0.5), str(tmp_path))
+  result = evaluate(tiny_eval_config(linear_eval, label_fraction=0.5), str(tmp_path))
   with open(tmp_path / 'eval.json') as f:
     written = json.load(f)
   assert written == result
@@ -45,7 +43,7 @@ def test_linear_eval_random_init_writes_results_and_plots(tmp_path):
   assert written['weight_decay'] in tiny_eval_config(linear_eval).evaluate.weight_decays
   # Half of the train scans, stratified: every class keeps at least one.
   assert 0 < written['num_examples']['train'] < 16
-  for name in run.PLOT_FILES.values():
+  for name in CLASSIFICATION_PLOTS.values():
     assert os.path.getsize(tmp_path / name) > 1000
 
 
@@ -62,24 +60,24 @@ def test_knn_slice_eval_loads_the_pretrained_encoder(tmp_path):
   config = tiny_eval_config(knn_eval, level='slice')
   _fake_pretraining_run(tmp_path / 'pretrain', config)
   config.init_from = str(tmp_path / 'pretrain')
-  result = run.evaluate(config, str(tmp_path / 'eval'))
+  result = evaluate(config, str(tmp_path / 'eval'))
   assert (result['method'], result['kind'], result['level']) == ('perscan', 'knn', 'slice')
   # Slice level: every slice of every labelled test scan is an example.
   assert result['num_examples']['test'] % 8 == 0 and result['num_examples']['test'] > 0
-  assert not os.path.exists(tmp_path / 'eval' / run.PLOT_FILES['curve'])  # no probe training
+  assert not os.path.exists(tmp_path / 'eval' / CLASSIFICATION_PLOTS['curve'])  # no probe training
 
   config.model.width_multiplier = 0.25  # ignored: the architecture comes from backbone.json
-  assert run.evaluate(config, str(tmp_path / 'eval2'))['num_features'] == result['num_features']
+  assert evaluate(config, str(tmp_path / 'eval2'))['num_features'] == result['num_features']
 
 
 def test_bad_evaluate_key_is_one_config_error(tmp_path):
   with pytest.raises(ConfigError, match='evaluate.level'):
-    run.evaluate(tiny_eval_config(linear_eval, level='volume'), str(tmp_path))
+    evaluate(tiny_eval_config(linear_eval, level='volume'), str(tmp_path))
 
 
 def test_cli_reports_a_missing_pretraining_run_in_one_line(tmp_path):
   proc = subprocess.run(
-      [sys.executable, '-m', 'dsset.evaluate.main', '--config=configs/linear_eval.py',
+      [sys.executable, '-m', 'dsset.main', '--config=configs/linear_eval.py',
        f'--workdir={tmp_path / "eval"}', f'--config.init_from={tmp_path / "missing"}'],
       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
           os.path.abspath(__file__)))), check=False)
@@ -89,19 +87,22 @@ def test_cli_reports_a_missing_pretraining_run_in_one_line(tmp_path):
 
 
 def test_finetune_trains_the_encoder_and_reports_on_test(tmp_path):
-  config = tiny_eval_config(finetune, finetune_steps=3, finetune_batch_size=4,
-                            finetune_learning_rate=1e-2, label_fraction=0.5)
+  config = tiny_eval_config(finetune, label_fraction=0.5)
+  config.train.update(num_steps=3, batch_size=8, learning_rate=1e-2)
   config.data.set_size = 2
-  start = features.FeatureExtractor(config)
-  tuned, head, losses = finetune_lib.finetune(config, start, num_classes=4)
-  assert head['kernel'].shape == (start.num_features, 4) and len(losses) == 3
-  assert np.all(np.isfinite(losses))
-  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), start.variables, tuned.variables)
-  assert all(jax.tree.leaves(changed['params']))  # every encoder weight moved
+  method = make_method(config)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  tuned = train._train(config, method, str(tmp_path / 'direct'), mesh)
+  start = jax.device_get(jax.jit(train.Trainer(config, method).init_state)(
+      jax.random.PRNGKey(config.seed)))
+  assert tuned['params']['head']['kernel'].shape == (method._backbone.num_features, 4)
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), start['params']['backbone'],
+                         tuned['params']['backbone'])
+  assert all(jax.tree.leaves(changed))  # every encoder weight moved
 
-  result = run.evaluate(config, str(tmp_path))
+  result = evaluate(config, str(tmp_path / 'cli'))
   assert (result['kind'], result['label_fraction']) == ('finetune', 0.5)
-  assert os.path.getsize(tmp_path / run.PLOT_FILES['curve']) > 1000
+  assert os.path.getsize(tmp_path / 'cli' / CLASSIFICATION_PLOTS['curve']) > 1000
 
 
 def test_embed_writes_slice_and_scan_embeddings_of_every_split(tmp_path):
@@ -134,7 +135,7 @@ def test_scan_features_from_the_pretrained_set_encoder(tmp_path):
   config = tiny_eval_config(linear_eval, scan_features='set_encoder')
   config.method, config.model.rho, config.model.pooling = 'deepset', True, 'sum'
   config.model.head_hidden, config.model.head_out = 16, 8
-  method = ContrastiveMethod(config)
+  method = DeepSetMethod(config)
   variables = jax.device_get(jax.jit(method.init)(jax.random.key(3)))
   # Running statistics away from their initial values, so that using them is tested too.
   stats = variables['batch_stats']['set_encoder']['rho_norm']
@@ -157,7 +158,8 @@ def test_scan_features_from_the_pretrained_set_encoder(tmp_path):
   np.testing.assert_allclose(arrays['scan_features'][0], expected, rtol=1e-4, atol=1e-4)
   assert not np.allclose(arrays['scan_features'][0], arrays['slice_features'][first].mean(0))
 
-  result = run.evaluate(config, str(tmp_path / 'eval'))
+  config.method = 'linear'  # the probe, on the DS-SimCLR run made above
+  result = evaluate(config, str(tmp_path / 'eval'))
   assert (result['method'], result['scan_features']) == ('deepset', 'set_encoder')
 
 
@@ -166,6 +168,6 @@ def test_set_encoder_scan_features_need_a_set_encoder_export(tmp_path):
   _fake_pretraining_run(tmp_path / 'pretrain', config)  # an export without set_encoder.msgpack
   config.init_from = str(tmp_path / 'pretrain')
   with pytest.raises(ConfigError, match='set_encoder.msgpack'):
-    run.evaluate(config, str(tmp_path / 'eval'))
+    evaluate(config, str(tmp_path / 'eval'))
   with pytest.raises(ConfigError, match='scan_features'):
-    run.evaluate(tiny_eval_config(finetune, scan_features='set_encoder'), str(tmp_path / 'ft'))
+    evaluate(tiny_eval_config(finetune, scan_features='set_encoder'), str(tmp_path / 'ft'))

@@ -12,7 +12,9 @@ import pytest
 
 from configs import segment as segment_config
 from data_pipelines.errors import DataError
-from dsset.evaluate import run, segment
+from dsset import parallel, train
+from dsset.evaluate import segment
+from dsset.methods import make_method
 from dsset.models import ResNet10, unet
 from tests.evaluate.test_eval_run import _fake_pretraining_run, tiny_eval_config
 
@@ -58,13 +60,14 @@ def test_decoder_logits_have_the_input_resolution(small_stem, size):
 
 
 def tiny_segment_config(**evaluate):
-  return tiny_eval_config(segment_config, segment_steps=5, segment_batch_size=4,
-                          segment_learning_rate=3e-3, **evaluate)
+  config = tiny_eval_config(segment_config, **evaluate)
+  config.train.update(num_steps=5, batch_size=8, learning_rate=3e-3)
+  return config
 
 
 def test_segmentation_run_writes_dice_and_plots(tmp_path):
-  result = run.evaluate(tiny_segment_config(label_fraction=0.5, segment_freeze_steps=2),
-                        str(tmp_path))
+  result = train.train_and_evaluate(
+      tiny_segment_config(label_fraction=0.5, segment_freeze_steps=2), str(tmp_path))
   with open(tmp_path / 'eval.json') as f:
     written = json.load(f)
   assert written == result
@@ -78,12 +81,18 @@ def test_segmentation_run_writes_dice_and_plots(tmp_path):
     assert os.path.getsize(tmp_path / name) > 1000
 
 
+def _initial_variables(config):
+  method = make_method(config)
+  next(method.make_train_iterator())
+  variables = jax.device_get(method.init(jax.random.key(0)))
+  return method.load_init_from(variables) if config.init_from else variables
+
+
 def test_init_from_inserts_the_pretrained_encoder(tmp_path):
   config = tiny_segment_config()
   _fake_pretraining_run(tmp_path / 'pretrain', config)
   config.init_from = str(tmp_path / 'pretrain')
-  model = unet.SegmentationModel(ResNet10(width_multiplier=0.125), num_classes=6)
-  variables = segment.initial_variables(config, model, (32, 32, 1))
+  variables = _initial_variables(config)
   with open(tmp_path / 'pretrain' / 'backbone.msgpack', 'rb') as f:
     exported = flax.serialization.msgpack_restore(f.read())
   np.testing.assert_array_equal(variables['params']['backbone']['Conv_0']['kernel'],
@@ -92,9 +101,25 @@ def test_init_from_inserts_the_pretrained_encoder(tmp_path):
       variables['batch_stats']['backbone']['BatchNorm_0']['mean'],
       exported['batch_stats']['BatchNorm_0']['mean'])
   # Without init_from the encoder is a different random draw: the equality above is the insertion.
-  random_init = segment.initial_variables(tiny_segment_config(), model, (32, 32, 1))
+  random_init = _initial_variables(tiny_segment_config())
   assert not np.array_equal(random_init['params']['backbone']['Conv_0']['kernel'],
                             exported['params']['Conv_0']['kernel'])
+
+
+def test_frozen_encoder_steps_leave_the_encoder_unchanged(tmp_path):
+  """evaluate.segment_freeze_steps: AdamW's decay must not move the frozen encoder either."""
+  config = tiny_segment_config(segment_freeze_steps=2)
+  config.train.num_steps = 2
+  method = make_method(config)
+  tuned = train._train(config, method, str(tmp_path), parallel.make_mesh(jax.devices()[:1]))
+  start = jax.device_get(jax.jit(train.Trainer(config, method).init_state)(
+      jax.random.PRNGKey(config.seed)))
+  jax.tree.map(np.testing.assert_array_equal, start['params']['backbone'],
+               tuned['params']['backbone'])
+  jax.tree.map(np.testing.assert_array_equal, start['batch_stats']['backbone'],
+               tuned['batch_stats']['backbone'])
+  assert not np.array_equal(start['params']['decoder']['Conv_0']['kernel'],
+                            tuned['params']['decoder']['Conv_0']['kernel'])
 
 
 def test_a_source_without_masks_is_one_data_error(monkeypatch):

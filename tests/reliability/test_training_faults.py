@@ -20,13 +20,13 @@ from test_cli import TINY  # noqa: E402
 from test_train import read_metrics, tiny_config  # noqa: E402
 
 # Frequent small checkpoints, constant schedule: the compiled step does not depend on num_steps.
-ARGS = ['--config=configs/deepset.py', *TINY, '--config.data.set_size=2']
+ARGS = ['--config=configs/deepset.py:tiny', *TINY]
 
 
-def start_cli(workdir, *extra):
+def start_cli(workdir, *extra, args=tuple(ARGS)):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   env.pop('XLA_FLAGS', None)
-  return subprocess.Popen([sys.executable, '-m', 'dsset.main', *ARGS, f'--workdir={workdir}',
+  return subprocess.Popen([sys.executable, '-m', 'dsset.main', *args, f'--workdir={workdir}',
                            *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
@@ -88,6 +88,28 @@ def test_sigterm_saves_checkpoint_and_resume_matches_uninterrupted(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, backbone(interrupted), backbone(whole))
 
 
+@pytest.mark.parametrize('config', ['finetune', 'segment'])
+def test_interrupted_downstream_run_resumes_without_repeating_a_step(tmp_path, config):
+  """Fine-tuning and segmentation train through the same loop: a SIGTERM saves a checkpoint, the
+  same command resumes after it, every step is logged once, and the evaluation is written."""
+  args = (f'--config=configs/{config}.py:tiny', '--config.checkpoint.every_steps=1')
+  workdir = str(tmp_path / 'run')
+  proc = start_cli(workdir, '--config.train.num_steps=100000', args=args)
+  wait_for_step(proc, workdir, 2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=60)
+  assert proc.returncode == 128 + signal.SIGTERM, stderr
+  assert not os.path.exists(os.path.join(workdir, 'eval.json')), 'no evaluation of a cut run'
+  stopped_at = logged_steps(workdir)[-1]
+  resumed = start_cli(workdir, f'--config.train.num_steps={stopped_at + 2}', args=args)
+  _, stderr = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, stderr
+  assert f'Resuming from the checkpoint at step {stopped_at}' in stderr
+  assert logged_steps(workdir) == list(range(1, stopped_at + 3))
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    assert json.load(f)['kind'] == config
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_stop_request_records_signal_instead_of_dying(signum):
   with preemption.StopRequest() as stop:
@@ -144,9 +166,8 @@ def test_nonfinite_step_stops_with_its_number_and_keeps_good_checkpoint(tmp_path
 
 
 def test_nonfinite_steps_skipped_when_asked(tmp_path):
-  metrics = train.train_and_evaluate(_exploding(**{'train.on_nonfinite': 'skip'}),
-                                     str(tmp_path / 'run'))
-  assert metrics['skipped_steps'] >= 1
+  train.train_and_evaluate(_exploding(**{'train.on_nonfinite': 'skip'}), str(tmp_path / 'run'))
+  assert read_metrics(tmp_path / 'run')[-1]['skipped_steps'] >= 1
   params = backbone(str(tmp_path / 'run'))
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params)), \
       'skipped steps must never reach the parameters'

@@ -1,0 +1,123 @@
+"""What a method is to the training loop: the one interface every pretraining and downstream method
+implements (dsset.train asks it; nothing outside dsset/methods branches on a method's name).
+
+A method owns everything that differs between methods: the config keys it reads and their checks,
+the host batches it needs (its iterator), its model and variables, its loss and metrics, where its
+transferable encoder lives (export and init_from), how many encoder images one example costs, and
+what happens when training ends (an encoder export, or an evaluation written to eval.json). The loop
+owns the rest: sharded state, the jitted update with its non-finite gate, checkpoints with the data
+position, signals, logging and progress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import ml_collections
+
+from dsset import checkpointing
+from dsset.config_validation import ConfigError
+
+# key -> (check, what a valid value is), as in dsset.config_validation.
+Rule = tuple[Callable[[Any], bool], str]
+
+
+class StepOutput(NamedTuple):
+  """What a method's loss returns beside the loss (a pytree, so it can leave the jitted step)."""
+
+  batch_stats: Any  # the updated BatchNorm statistics
+  metrics: dict[str, jax.Array]  # scalars logged to metrics.jsonl
+  # Representations [N, D] and labels [N] (-1 = unlabelled) for the loop's online linear probe
+  # (config monitor.*); None when the method has nothing to monitor.
+  monitor_features: jax.Array | None = None
+  monitor_labels: jax.Array | None = None
+
+
+class Method:
+  """Base class: the defaults suit a method that trains an encoder from config.model."""
+
+  # Where the transferable 2D encoder lives inside the variables (for export and init_from); None
+  # when the method has no encoder of its own to carry over.
+  encoder_path: ClassVar[tuple[str, ...] | None] = ('backbone',)
+  # False for methods that only evaluate (kNN): the loop skips training and calls finish.
+  trains: ClassVar[bool] = True
+  # Config keys this method reads beyond the shared ones, checked at start-up with the others.
+  config_rules: ClassVar[dict[str, Rule]] = {}
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Checks that involve several keys; raises ConfigError naming them. Must be cheap."""
+
+  @property
+  def model_config(self) -> ml_collections.ConfigDict:
+    """The model section the encoder is built from."""
+    return self.config.model
+
+  def make_train_iterator(self, process_index: int = 0, process_count: int = 1,
+                          batch_multiple: int = 1) -> Iterator[dict]:
+    """Endless host-local batches (this process's block of each global batch), checkpointable
+    (get_state/set_state). batch_multiple: the global batch must be a multiple of it (devices).
+
+    Heavy work (reading sources, extracting features) happens here, after the config is checked.
+    """
+    raise NotImplementedError
+
+  @property
+  def monitor_classes(self) -> int:
+    """Classes of the labels the online probe learns (0: no probe). Valid after the iterator."""
+    return 0
+
+  @property
+  def monitor_dim(self) -> int:
+    """Length of the representations the online probe reads (0: none)."""
+    return 0
+
+  def images_per_example(self) -> int:
+    """Encoder images one example of the batch costs (for images/s; 0: no images/s)."""
+    return 1
+
+  def init(self, rng: jax.Array) -> dict:
+    """Fresh variables {'params', 'batch_stats'} (shapes only are needed for a resume)."""
+    raise NotImplementedError
+
+  def loss(self, params, batch_stats, batch: dict, rng: jax.Array,
+           phase: Hashable) -> tuple[jax.Array, StepOutput]:
+    """The scalar loss of one global batch in train mode, and the StepOutput."""
+    raise NotImplementedError
+
+  def phase(self, step: int) -> Hashable:
+    """A static value the step is compiled for (one compile per distinct value), e.g. whether
+    the encoder is still frozen at this 1-based step."""
+    return None
+
+  def frozen_paths(self, phase: Hashable) -> tuple[tuple[str, ...], ...]:
+    """Parameter subtrees the update leaves unchanged in this phase."""
+    return ()
+
+  def load_init_from(self, variables: dict) -> dict:
+    """Host variables with the encoder of config.init_from put in at encoder_path."""
+    if self.encoder_path is None:
+      raise ConfigError(f'config key init_from: method={self.config.method!r} has no encoder to '
+                        'initialise')
+    encoder, source_model = checkpointing.load_backbone(self.config.init_from)
+    if source_model.get('backbone') != self.model_config.backbone:
+      raise ConfigError(
+          f'config key init_from={self.config.init_from!r} holds a '
+          f'{source_model.get("backbone")} encoder but model.backbone='
+          f'{self.model_config.backbone!r}')
+    return checkpointing.insert_backbone(variables, encoder, self.encoder_path,
+                                         self.config.init_from)
+
+  def finish(self, variables: dict | None, workdir: str) -> dict[str, Any]:
+    """Runs once, on process 0, after the last step: exports or evaluates; returns the result
+    (None variables for methods that do not train)."""
+    raise NotImplementedError
+
+  def summary(self, result: dict[str, Any], workdir: str) -> str:
+    """The closing line(s) for the user."""
+    return f'Done. Results in {workdir}'

@@ -1,0 +1,67 @@
+"""Start-up checks: every key of every config file is checked, each error names its key."""
+
+import importlib
+
+import pytest
+
+from configs import base
+from dsset import config_validation
+from dsset.config_validation import ConfigError, validate
+
+CONFIG_FILES = ('simclr', 'perscan', 'deepset', 'linear_eval', 'knn_eval', 'finetune', 'segment')
+
+
+def leaf_keys(config, prefix=''):
+  keys = []
+  for name, value in config.items():
+    if hasattr(value, 'items'):
+      keys += leaf_keys(value, f'{prefix}{name}.')
+    else:
+      keys.append(prefix + name)
+  return keys
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES)
+@pytest.mark.parametrize('variant', [None, *base.VARIANTS])
+def test_every_config_file_and_variant_is_valid_and_fully_checked(name, variant):
+  config = importlib.import_module(f'configs.{name}').get_config(variant)
+  validate(config)
+  checked = set(config_validation.rules(config)) | {'method'}
+  assert set(leaf_keys(config)) == checked, 'keys without a check, or checks without a key'
+
+
+@pytest.mark.parametrize('key, value', [
+    ('evaluate.level', 'volume'),
+    ('evaluate.label_fraction', 0.0),
+    ('evaluate.weight_decays', ()),
+    ('evaluate.knn_k', 0),
+    ('evaluate.segment_num_classes', 1),
+    ('evaluate.scan_features', 'max'),
+    ('train.optimizer', 'adagrad'),
+    ('data.phantom.depth', 4),
+])
+def test_a_bad_value_names_its_key(key, value):
+  config = base.get_config()
+  section, leaf = key.rsplit('.', 1)
+  node = config
+  for part in section.split('.'):
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
+    validate(config)
+
+
+def test_unknown_method_and_method_specific_checks():
+  config = base.get_config()
+  config.method = 'mae'
+  with pytest.raises(ConfigError, match="method='mae'.*deepset"):
+    validate(config)
+  config = importlib.import_module('configs.finetune').get_config()
+  config.evaluate.scan_features = 'set_encoder'
+  with pytest.raises(ConfigError, match='scan_features'):
+    validate(config)
+
+
+def test_unknown_variant_is_named():
+  with pytest.raises(ValueError, match="'big'.*paper"):
+    base.get_config('big')
