@@ -86,7 +86,7 @@ def main(argv):
       nonlocal state
       def one():
         nonlocal state
-        state, metrics = step(state, batch_fn())
+        state, metrics, _ = step(state, batch_fn())
         jax.block_until_ready(metrics)
       return step_seconds(one, warmup=3, steps=_STEPS.value)
 

@@ -1,4 +1,5 @@
-"""Which slices make the two views of a pretraining example (METHODS.md section 1), as Grain maps.
+"""Which slices make the two views of a pretraining example, as Grain maps (specified in
+docs/data.md, "Samplers").
 
 With n the slices of a scan and w = ceil(omega * n):
 - simclr: a record is one (scan, slice) pair of a flat index over every slice of every scan, so each
@@ -30,7 +31,7 @@ from PIL import Image
 from data_pipelines.errors import DataError
 from data_pipelines.sources.base import Scan, ScanSource
 
-# PS-SimCLR needs this many slices for a pair; shorter scans fall back to simclr (METHODS.md).
+# PS-SimCLR needs this many slices for a pair; shorter scans fall back to simclr (docs/data.md).
 PERSCAN_MIN_SLICES = 5
 
 

@@ -1,10 +1,16 @@
-"""Turns SIGTERM / SIGINT into a request to checkpoint and stop at the next step boundary.
+"""Turns SIGTERM / SIGINT into a request to checkpoint and stop at a step boundary.
 
 TPU preemption and SLURM send SIGTERM some seconds before killing a job; Ctrl-C sends SIGINT. The
-training loop polls `requested()` after each step, saves a checkpoint at that step and exits, so a
-rerun resumes with no step lost or repeated. With several processes the signal may reach them at
-different steps; they then agree through JAX's preemption sync point (Orbax's reached_preemption),
-which only exists when jax.distributed is initialised.
+training loop asks `requested()` after dispatching each step, saves a checkpoint at that step and
+exits, so a rerun resumes with no step lost or repeated.
+
+With one process the answer is this process's signal, so training stops after the step in flight.
+With several, a signal may reach only some of them (a scheduler killing one task, a user's kill),
+and a process that stopped alone would leave the others waiting in a collective. So every step
+carries each process's vote (`vote()`, one flag per batch row) into the jitted step, which returns
+whether any process voted; each process reads that answer for step s - 1 after dispatching step s,
+and all of them stop after step s: the same step, decided from the same device value. JAX's own
+preemption notice (Orbax's reached_preemption, TPU maintenance events) is honoured too.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ class StopRequest:
   def __init__(self):
     self.signum: int | None = None
     self._previous = {}
+    self._pending: list[jax.Array] = []  # votes of dispatched steps not yet read
+    self._from_other_process = False
 
   def _handle(self, signum, frame):
     del frame
@@ -44,12 +52,26 @@ class StopRequest:
       signal.signal(s, handler)
     self._previous.clear()
 
-  def requested(self, step: int, manager) -> bool:
-    """Whether to checkpoint and stop after `step` (all processes answer alike)."""
-    if jax.process_count() > 1:
-      return self.signum is not None or manager.reached_preemption(step)
+  def vote(self) -> bool:
+    """This process's wish to stop, for the step about to be dispatched."""
     return self.signum is not None
+
+  def requested(self, step: int, manager, any_vote: jax.Array) -> bool:
+    """Whether to checkpoint and stop after `step` (all processes answer alike).
+
+    any_vote: the step's output saying whether any process voted to stop in it.
+    """
+    if jax.process_count() == 1:
+      return self.signum is not None
+    self._pending.append(any_vote)
+    agreed = len(self._pending) > 1 and bool(jax.device_get(self._pending.pop(0)))
+    if agreed and self.signum is None:
+      self.signum = signal.SIGTERM  # another process's signal: stop as if this one got it
+      self._from_other_process = True
+    return agreed or manager.reached_preemption(step)
 
   @property
   def name(self) -> str:
+    if self._from_other_process:
+      return 'a stop request from another process'
     return signal.Signals(self.signum).name if self.signum is not None else 'preemption'

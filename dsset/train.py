@@ -79,6 +79,11 @@ def prepare_workdir(workdir: str, config) -> str:
   return workdir
 
 
+# Host batch key of each row's copy of its process's stop vote (dsset.preemption): the step turns
+# the votes of all processes into one answer that every process reads alike.
+STOP_VOTE = 'stop_vote'
+
+
 class Trainer:
   """Builds the pure state and step functions of one method."""
 
@@ -126,6 +131,10 @@ class Trainer:
     return optax.apply_updates(state['probe_params'], updates), opt_state, loss, accuracy
 
   def train_step(self, state, batch, phase):
+    """One update; returns (new state, metrics, whether any process voted to stop)."""
+    batch = dict(batch)
+    votes = batch.pop(STOP_VOTE, None)
+    any_vote = jnp.any(votes) if votes is not None else jnp.zeros((), bool)
     rng = jax.random.fold_in(state['rng'], state['step'])
 
     def loss_fn(params):
@@ -164,7 +173,7 @@ class Trainer:
       new_state.update(probe_params=keep(probe_params, state['probe_params']),
                        probe_opt_state=keep(probe_opt, state['probe_opt_state']))
       metrics.update(probe_loss=probe_loss, probe_accuracy=probe_acc)
-    return new_state, metrics
+    return new_state, metrics, any_vote
 
 
 def _mean_metrics(window: list[dict[str, jax.Array]]) -> tuple[dict[str, float], int | None]:
@@ -227,7 +236,7 @@ def _train(config, method: Method, workdir: str, mesh) -> dict[str, Any]:
   if start_step:
     reporter.message(f'Resuming from the checkpoint at step {start_step} in {workdir}')
   step_fn = jax.jit(trainer.train_step, donate_argnums=0, static_argnums=2,
-                    out_shardings=(state_sharding, repl))
+                    out_shardings=(state_sharding, repl, repl))
   window: list[dict[str, jax.Array]] = []
   tick = time.perf_counter()
   steps_in_window = 0
@@ -235,8 +244,10 @@ def _train(config, method: Method, workdir: str, mesh) -> dict[str, Any]:
   with preemption.StopRequest() as stop:
     try:
       for step in range(start_step + 1, num_steps + 1):
-        batch = parallel.global_batch(next(train_iter), mesh)
-        state, metrics = step_fn(state, batch, method.phase(step))
+        local = next(train_iter)
+        local[STOP_VOTE] = np.full(len(next(iter(local.values()))), stop.vote())
+        batch = parallel.global_batch(local, mesh)
+        state, metrics, any_vote = step_fn(state, batch, method.phase(step))
         # From the batch itself: a full-batch probe's batch is its train split, not train.batch_size.
         images_per_step = len(next(iter(batch.values()))) * method.images_per_example()
         if step == start_step + 1:
@@ -248,7 +259,7 @@ def _train(config, method: Method, workdir: str, mesh) -> dict[str, Any]:
           steps_in_window = -1
         window.append(metrics)
         steps_in_window += 1
-        stopping = stop.requested(step, manager)
+        stopping = stop.requested(step, manager, any_vote)
         is_log = step % config.train.log_every_steps == 0 or step == num_steps or stopping
         is_ckpt = step % config.checkpoint.every_steps == 0 or step == num_steps or stopping
         if not (is_log or is_ckpt):

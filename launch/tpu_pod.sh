@@ -14,7 +14,7 @@
 # Usage:
 #   launch/tpu_pod.sh --name=NAME --zone=ZONE [--project=ID] [--accelerator_type=v4-32]
 #       [--runtime_version=tpu-ubuntu2204-base] [--spot] [--skip_install] [--delete] [--dry_run] \
-#       -- --config=configs/deepset.py --workdir=/mnt/shared/run1 [--config.<key>=<value> ...]
+#       -- --config=configs/deepset.py --workdir=/mnt/nfs/run1 [--config.<key>=<value> ...]
 #   launch/tpu_pod.sh --name=NAME --zone=ZONE --stop          # stop a running job on all workers
 #   launch/tpu_pod.sh --name=NAME --zone=ZONE --delete_only   # delete the slice
 #

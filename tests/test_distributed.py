@@ -4,37 +4,27 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 
 import jax
 import numpy as np
 import pytest
 
+import configs.deepset
 from configs import base
 from dsset import parallel, train
 from dsset.config_validation import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Tiny DS-SimCLR settings (as in test_train.py), given to the in-process run as config values and to
-# the launched processes as --config.<key>=<value> flags. A constant learning rate makes a 2-step
-# run followed by a resume to 4 steps comparable with 4 uninterrupted steps.
+# Tiny DS-SimCLR (configs/deepset.py:tiny), with these overrides given to the in-process run as
+# config values and to the launched processes as --config.<key>=<value> flags. A constant learning
+# rate makes a 2-step run followed by a resume to 4 steps comparable with 4 uninterrupted steps.
 TINY = {
-    'method': 'deepset',
-    'data.set_size': 2,
-    'data.image_size': 32,
-    'data.phantom.num_scans': 16,
-    'data.phantom.depth': 12,
-    'data.phantom.height': 32,
-    'data.phantom.width': 32,
-    'model.backbone': 'resnet10',
-    'model.width_multiplier': 0.125,
-    'model.head_hidden': 32,
-    'model.head_out': 16,
-    'train.batch_size': 8,
     'train.schedule': 'constant',
     'train.warmup_steps': 0,
-    'train.log_every_steps': 1,
     'checkpoint.every_steps': 100,
 }
 
@@ -108,17 +98,22 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def launch_two_processes(workdir, num_steps, log_dir):
+def launch_command(workdir, num_steps, log_dir):
   """python -m dsset.main in 2 processes of 4 fake CPU devices each, through launch/local.sh."""
   flags = [f'--config.{k}={v}' for k, v in TINY.items()]
-  command = [os.path.join(ROOT, 'launch', 'local.sh'), '--num_processes=2',
-             '--devices_per_process=4', f'--log_dir={log_dir}', '--',
-             '--config=configs/base.py', f'--workdir={workdir}', *flags,
-             f'--config.train.num_steps={num_steps}']
-  # The launcher sets the device count itself; the 8 devices conftest put in XLA_FLAGS must go.
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900, check=False)
+  return [os.path.join(ROOT, 'launch', 'local.sh'), '--num_processes=2',
+          '--devices_per_process=4', f'--log_dir={log_dir}', '--',
+          '--config=configs/deepset.py:tiny', f'--workdir={workdir}', *flags,
+          f'--config.train.num_steps={num_steps}']
+
+
+# The launcher sets the device count itself; the 8 devices conftest put in XLA_FLAGS must go.
+LAUNCH_ENV = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+
+
+def launch_two_processes(workdir, num_steps, log_dir):
+  result = subprocess.run(launch_command(workdir, num_steps, log_dir), cwd=ROOT, env=LAUNCH_ENV,
+                          capture_output=True, text=True, timeout=900, check=False)
   logs = ''.join(open(p).read() for p in glob.glob(os.path.join(log_dir, '*.log')))
   assert result.returncode == 0, result.stderr[-3000:] + logs[-3000:]
   return result
@@ -127,7 +122,7 @@ def launch_two_processes(workdir, num_steps, log_dir):
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume(tmp_path):
   """2 processes x 4 devices log the losses of 1 process x 8 devices, also across a resume."""
-  config = base.get_config()
+  config = configs.deepset.get_config('tiny')
   for key, value in {**TINY, 'train.num_steps': 4}.items():
     node = config
     *parents, leaf = key.split('.')
@@ -155,3 +150,46 @@ def test_two_processes_match_one_and_resume(tmp_path):
   np.testing.assert_allclose([m['loss'] for m in got], [m['loss'] for m in expected],
                              rtol=1e-4, atol=1e-5)
   assert os.path.getsize(tmp_path / 'logs_b' / 'process_1.log') > 0, 'process 1 logs to its file'
+
+
+def _process_pid(launcher_pid, process_id):
+  """The pid of dsset process `process_id` started by the launcher (from /proc's environments)."""
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        parent = int(f.read().rsplit(')', 1)[1].split()[1])
+      with open(f'/proc/{entry}/environ', 'rb') as f:
+        environ = f.read().split(b'\0')
+    except OSError:
+      continue
+    if parent == launcher_pid and f'DSSET_PROCESS_ID={process_id}'.encode() in environ:
+      return int(entry)
+  return None
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_one_step_with_one_checkpoint(tmp_path):
+  """A signal that reaches only process 1 stops both processes after the same step; the run
+  resumes from that checkpoint with no step logged twice."""
+  workdir, logs = tmp_path / 'run', tmp_path / 'logs'
+  launcher = subprocess.Popen(launch_command(workdir, 100000, logs), cwd=ROOT, env=LAUNCH_ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while not (os.path.exists(workdir / 'metrics.jsonl') and len(read_metrics(workdir)) >= 3):
+    assert launcher.poll() is None and time.time() < deadline, launcher.stderr.read()
+    time.sleep(0.5)
+  os.kill(_process_pid(launcher.pid, 1), signal.SIGTERM)
+  _, stderr = launcher.communicate(timeout=300)
+  process_1 = (logs / 'process_1.log').read_text()
+  assert 'Stopped by SIGTERM' in process_1, process_1[-2000:]
+  assert 'Stopped by a stop request from another process' in stderr, stderr[-2000:]
+  stopped_at = read_metrics(workdir)[-1]['step']
+  steps = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
+  assert steps[-1] == stopped_at
+  assert sorted(os.listdir(workdir / 'checkpoints' / str(stopped_at) / 'data')) == [
+      'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+  resumed = launch_two_processes(workdir, stopped_at + 2, tmp_path / 'logs_b')
+  assert f'Resuming from the checkpoint at step {stopped_at}' in resumed.stderr
+  assert [m['step'] for m in read_metrics(workdir)] == list(range(1, stopped_at + 3))

@@ -1,4 +1,4 @@
-"""Sampler indices follow METHODS.md section 1 literally; examples follow the batch contract."""
+"""Sampler indices follow docs/data.md ("Samplers") literally; examples follow the batch contract."""
 
 import math
 from fractions import Fraction
