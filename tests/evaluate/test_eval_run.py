@@ -100,9 +100,11 @@ def test_finetune_trains_the_encoder_and_reports_on_test(tmp_path):
                          tuned['params']['backbone'])
   assert all(jax.tree.leaves(changed))  # every encoder weight moved
 
-  result = evaluate(config, str(tmp_path / 'cli'))
+  # What the loop does next (the command line's run is in tests/reliability).
+  result = method.finish(tuned, str(tmp_path / 'direct'))
   assert (result['kind'], result['label_fraction']) == ('finetune', 0.5)
-  assert os.path.getsize(tmp_path / 'cli' / CLASSIFICATION_PLOTS['curve']) > 1000
+  assert 0 <= result['accuracy'] <= 1 and result['num_examples']['test'] > 0
+  assert os.path.getsize(tmp_path / 'direct' / CLASSIFICATION_PLOTS['curve']) > 1000
 
 
 def test_embed_writes_slice_and_scan_embeddings_of_every_split(tmp_path):
