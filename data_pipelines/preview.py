@@ -1,23 +1,33 @@
-"""A PNG grid of training views, to see what the model sees.
+"""A PNG grid of the views the model will see.
 
   python -m data_pipelines.preview --config=configs/deepset.py --out=views.png \
-      [--config.data.source=nifti --config.data.path=DIR] [--scans=4] [--augmented]
+      [--config.data.source=nifti --config.data.path=DIR] [--scans=4] [--split=any] [--raw]
 
-Rows are examples of the first training batch (one scan each); columns are the K slices of view A,
-then the K slices of view B, as the host sampler emits them (uint8, before device augmentation).
-With --augmented, a second row per example shows the views after dsset.augment.augment_views.
+Rows are the first examples (one scan each) of the stream the config's method trains on, drawn from
+--split ('any', the default, is the first of train, val, test that has scans, so a folder whose only
+scans are in val/ or test/ still previews). Columns are the K slices of view A, then the K slices of
+view B. By default the views are shown augmented by dsset.augment.augment_views at data.image_size,
+as the model sees them; with --raw they are the host sampler's uint8 slices before augmentation.
 Padded (masked) slices are drawn as an empty, hatched panel.
 """
 
 from __future__ import annotations
+
+import sys
 
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from data_pipelines import pipeline
+from data_pipelines.errors import DataError
+from data_pipelines.sources import SPLITS, make_source
 from dsset import augment
+from dsset.config_validation import ConfigError
 from dsset.methods import make_method
+
+SPLIT_CHOICES = ('any', *SPLITS)
 
 
 def _augment(config, views: np.ndarray) -> np.ndarray:
@@ -30,17 +40,48 @@ def _augment(config, views: np.ndarray) -> np.ndarray:
                                           int(config.data.image_size)))
 
 
-def _rows(config, batch: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
-  """(title, views [2, K, H, W, C] float in [0, 1], mask [2, K]) for every row of the grid."""
-  count = min(flags.FLAGS.scans, batch['views'].shape[0])
-  views, mask = batch['views'][:count], batch['mask'][:count]
-  rows = [(f'scan {batch["scan_id"][i]} label {batch["label"][i]}', views[i] / 255.0, mask[i])
-          for i in range(count)]
-  if not flags.FLAGS.augmented:
-    return rows
-  augmented = _augment(config, views)
-  return [row for i, plain in enumerate(rows)
-          for row in (plain, (plain[0] + ' augmented', augmented[i], mask[i]))]
+def open_split(data_config, split: str):
+  """(split name, its source): `split` itself, or for 'any' the first of train/val/test with scans.
+
+  Raises DataError naming why each split could not be used when none has scans.
+  """
+  if split not in SPLIT_CHOICES:
+    raise ValueError(f'split must be one of {SPLIT_CHOICES}, got {split!r}')
+  problems = []
+  for name in (SPLITS if split == 'any' else (split,)):
+    try:
+      source = make_source(data_config, name)
+    except DataError as error:
+      if split != 'any':
+        raise
+      problems.append(f'{name}: {error}')
+      continue
+    if len(source):
+      return name, source
+    problems.append(f'{name}: no scans')
+  raise DataError('no split has scans to preview:\n  ' + '\n  '.join(problems))
+
+
+def preview_rows(config, split: str = 'any', count: int = 4, raw: bool = False):
+  """(split used, rows): `count` rows (title, views [2, K, H, W, C] float in [0, 1], mask [2, K]).
+
+  The rows are the first examples of the method's training stream built on that split's scans (for
+  the train split, the first rows of the first training batch), augmented unless `raw`.
+  """
+  config = config.copy_and_resolve_references()
+  config.data.num_workers = 0  # one batch: worker start-up would cost more than it saves
+  config.train.batch_size = count  # the stream's first examples do not depend on the batch size
+  method = make_method(config)
+  if not hasattr(method, 'make_sampler'):
+    raise ConfigError(f'config key method={config.method!r}: the preview shows the views of a '
+                      'pretraining method (simclr, perscan or deepset)')
+  name, source = open_split(config.data, split)
+  batch = next(pipeline.make_train_iterator(config, method.make_sampler(source),
+                                            process_index=0, process_count=1))
+  views = batch['views'] / 255.0 if raw else _augment(config, batch['views'])
+  titles = [f'{name} {source[int(i)].scan_id}\nlabel {int(label)}'
+            for i, label in zip(batch['scan_id'], batch['label'])]
+  return name, [(title, views[i], batch['mask'][i]) for i, title in enumerate(titles)]
 
 
 def write_grid(rows, path: str) -> None:
@@ -79,10 +120,16 @@ def main(argv):
   config = flags.FLAGS.config
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/deepset.py')
-  config.data.num_workers = 0  # one batch: worker start-up would cost more than it saves
-  batch = next(make_method(config).make_train_iterator())
-  write_grid(_rows(config, batch), flags.FLAGS.out)
-  print(f'wrote {flags.FLAGS.out}')
+  if flags.FLAGS.scans < 1:
+    raise app.UsageError(f'--scans={flags.FLAGS.scans} must be at least 1')
+  try:
+    split, rows = preview_rows(config, flags.FLAGS.split, flags.FLAGS.scans, flags.FLAGS.raw)
+  except (ConfigError, DataError) as e:
+    print(f'preview: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  write_grid(rows, flags.FLAGS.out)
+  kind = 'unaugmented (--raw)' if flags.FLAGS.raw else 'augmented'
+  print(f'wrote {flags.FLAGS.out}: {len(rows)} examples of the {split} split, {kind}')
 
 
 def define_flags() -> None:
@@ -90,8 +137,10 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'Pretraining config file.')
   flags.DEFINE_string('out', 'preview.png', 'PNG file to write.')
   flags.DEFINE_integer('scans', 4, 'Examples (rows) to show.')
-  flags.DEFINE_bool('augmented', False,
-                    'Also show the views after on-device augmentation.')
+  flags.DEFINE_enum('split', 'any', SPLIT_CHOICES,
+                    "Scans to draw from; 'any' is the first of train, val, test that has scans.")
+  flags.DEFINE_bool('raw', False,
+                    "Show the sampler's slices before augmentation instead of the augmented views.")
 
 
 if __name__ == '__main__':
