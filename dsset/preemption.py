@@ -4,7 +4,9 @@ TPU preemption and SLURM send SIGTERM some seconds before killing a job; Ctrl-C 
 training loop asks `requested()` after dispatching each step, saves a checkpoint at that step and
 exits, so a rerun resumes with no step lost or repeated.
 
-With one process the answer is this process's signal, so training stops after the step in flight.
+With one process the answer is this process's signal, so training stops after the step in flight;
+the loop never runs more than one step ahead of the device, so no backlog of dispatched steps has
+to finish first (a stop costs at most the running step and one queued step).
 With several, a signal may reach only some of them (a scheduler killing one task, a user's kill),
 and a process that stopped alone would leave the others waiting in a collective. So every step
 carries each process's vote (`vote()`, one flag per batch row) into the jitted step, which returns
@@ -61,10 +63,12 @@ class StopRequest:
 
     any_vote: the step's output saying whether any process voted to stop in it.
     """
+    self._pending.append(any_vote)
+    # Waiting for the previous step keeps at most one step queued behind the running one, so a
+    # stop never waits for a backlog of dispatched steps (host-side dispatch runs ahead otherwise).
+    agreed = len(self._pending) > 1 and bool(jax.device_get(self._pending.pop(0)))
     if jax.process_count() == 1:
       return self.signum is not None
-    self._pending.append(any_vote)
-    agreed = len(self._pending) > 1 and bool(jax.device_get(self._pending.pop(0)))
     if agreed and self.signum is None:
       self.signum = signal.SIGTERM  # another process's signal: stop as if this one got it
       self._from_other_process = True

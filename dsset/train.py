@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dsset import checkpointing, config_validation, optim, parallel, preemption
+from dsset import checkpointing, config_validation, optim, parallel, preemption, reporting
 from dsset.methods import Method, make_method
 from dsset.models import LinearHead
 from dsset.reporting import Reporter
@@ -82,6 +82,9 @@ def prepare_workdir(workdir: str, config) -> str:
 # Host batch key of each row's copy of its process's stop vote (dsset.preemption): the step turns
 # the votes of all processes into one answer that every process reads alike.
 STOP_VOTE = 'stop_vote'
+# Host batch key the samplers set to 1 for an example that stands in for an unreadable scan
+# (data.on_bad_scan='skip'); the loop logs their running count as skipped_examples.
+REPLACED = 'replaced'
 
 
 class Trainer:
@@ -135,6 +138,7 @@ class Trainer:
     batch = dict(batch)
     votes = batch.pop(STOP_VOTE, None)
     any_vote = jnp.any(votes) if votes is not None else jnp.zeros((), bool)
+    replaced = batch.pop(REPLACED, None)
     rng = jax.random.fold_in(state['rng'], state['step'])
 
     def loss_fn(params):
@@ -167,6 +171,8 @@ class Trainer:
                    param_norm=optax.global_norm(state['params']),
                    learning_rate=self.schedule(state['step']),
                    nonfinite=(~finite).astype(jnp.float32))
+    if replaced is not None:
+      metrics['replaced_examples'] = jnp.sum(replaced).astype(jnp.float32)
     if self.num_classes and out.monitor_features is not None:
       probe_params, probe_opt, probe_loss, probe_acc = self._probe_update(
           state, out.monitor_features, out.monitor_labels)
@@ -176,12 +182,15 @@ class Trainer:
     return new_state, metrics, any_vote
 
 
-def _mean_metrics(window: list[dict[str, jax.Array]]) -> tuple[dict[str, float], int | None]:
-  """Averages a window of step metrics; also returns the index of the first non-finite step."""
+def _mean_metrics(window: list[dict[str, jax.Array]]
+                  ) -> tuple[dict[str, float], int | None, float]:
+  """Averages a window of step metrics; also returns the index of the first non-finite step and
+  the number of examples that stood in for unreadable scans."""
   host = jax.device_get(window)
   first_bad = next((i for i, m in enumerate(host) if m['nonfinite'] > 0), None)
+  replaced = float(sum(m.pop('replaced_examples', 0.0) for m in host))
   keys = host[0].keys()
-  return {k: float(np.mean([m[k] for m in host])) for k in keys}, first_bad
+  return {k: float(np.mean([m[k] for m in host])) for k in keys}, first_bad, replaced
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
@@ -194,14 +203,19 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
   parallel.initialize_distributed(config.distributed)
   config_validation.validate(config)
   method = make_method(config)
-  workdir = prepare_workdir(workdir, config)
   enable_compilation_cache()
   mesh = parallel.make_mesh(devices)
   is_main = jax.process_index() == 0
   variables = None
   if method.trains:
     parallel.check_batch_size(config.train.batch_size, mesh)
-    variables = _train(config, method, workdir, mesh)
+    # Reads the data (and checks it) before anything is written to the workdir.
+    train_iter = method.make_train_iterator(jax.process_index(), jax.process_count(),
+                                            batch_multiple=mesh.devices.size)
+    workdir = prepare_workdir(workdir, config)
+    variables = _train(config, method, workdir, mesh, train_iter)
+  else:
+    workdir = prepare_workdir(workdir, config)
   result = {}
   if is_main:
     result = method.finish(variables, workdir)
@@ -209,11 +223,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
   return result
 
 
-def _train(config, method: Method, workdir: str, mesh) -> dict[str, Any]:
-  """Trains to train.num_steps; returns the final {'params', 'batch_stats'} on the host."""
+def _train(config, method: Method, workdir: str, mesh, train_iter) -> dict[str, Any]:
+  """Trains to train.num_steps from the method's train_iter; returns the final
+  {'params', 'batch_stats'} on the host."""
   is_main = jax.process_index() == 0
-  train_iter = method.make_train_iterator(jax.process_index(), jax.process_count(),
-                                          batch_multiple=mesh.devices.size)
   trainer = Trainer(config, method)
   repl = parallel.replicated(mesh)
   abstract = jax.eval_shape(trainer.init_state, jax.random.PRNGKey(config.seed))
@@ -235,6 +248,9 @@ def _train(config, method: Method, workdir: str, mesh) -> dict[str, Any]:
   reporter = Reporter(workdir, num_steps, start_step, enabled=is_main)
   if start_step:
     reporter.message(f'Resuming from the checkpoint at step {start_step} in {workdir}')
+  # Running count of stand-ins for unreadable scans, continued from the log across resumes.
+  steps, counts = reporting.read_metric(workdir, 'skipped_examples')
+  skipped_examples = float(counts[steps <= start_step][-1]) if np.any(steps <= start_step) else 0.0
   step_fn = jax.jit(trainer.train_step, donate_argnums=0, static_argnums=2,
                     out_shardings=(state_sharding, repl, repl))
   window: list[dict[str, jax.Array]] = []
@@ -264,7 +280,7 @@ def _train(config, method: Method, workdir: str, mesh) -> dict[str, Any]:
         is_ckpt = step % config.checkpoint.every_steps == 0 or step == num_steps or stopping
         if not (is_log or is_ckpt):
           continue
-        last, first_bad = _mean_metrics(window)
+        last, first_bad, replaced = _mean_metrics(window)
         if first_bad is not None and config.train.on_nonfinite == 'stop':
           bad_step = step - len(window) + 1 + first_bad
           good = manager.latest_step()
@@ -277,6 +293,9 @@ def _train(config, method: Method, workdir: str, mesh) -> dict[str, Any]:
         if steps_in_window > 0 and images_per_step:
           last['images_per_s'] = images_per_step * steps_in_window / max(elapsed, 1e-9)
         last['skipped_steps'] = float(jax.device_get(state['nonfinite_steps']))
+        if REPLACED in local:
+          skipped_examples += replaced
+          last['skipped_examples'] = skipped_examples
         last.pop('nonfinite')
         reporter.write(step, last)
         window, steps_in_window, tick = [], 0, time.perf_counter()

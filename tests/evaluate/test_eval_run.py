@@ -92,7 +92,8 @@ def test_finetune_trains_the_encoder_and_reports_on_test(tmp_path):
   config.data.set_size = 2
   method = make_method(config)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  tuned = train._train(config, method, str(tmp_path / 'direct'), mesh)
+  tuned = train._train(config, method, str(tmp_path / 'direct'), mesh,
+                       method.make_train_iterator())
   start = jax.device_get(jax.jit(train.Trainer(config, method).init_state)(
       jax.random.PRNGKey(config.seed)))
   assert tuned['params']['head']['kernel'].shape == (method._backbone.num_features, 4)

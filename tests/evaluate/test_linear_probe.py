@@ -43,8 +43,9 @@ def test_loop_trained_probe_matches_a_numpy_reference(tmp_path):
   config.train.num_steps = 25
   config.evaluate.weight_decays = (0.0, 0.1)
   method = make_method(config)
-  variables = train._train(config, method, str(tmp_path),
-                           parallel.make_mesh(jax.devices()))  # 8 devices: padded full batch
+  mesh = parallel.make_mesh(jax.devices())  # 8 devices: a padded full batch
+  variables = train._train(config, method, str(tmp_path), mesh,
+                           method.make_train_iterator(batch_multiple=mesh.devices.size))
   extractor = features.FeatureExtractor(config)
   data = method.split_features(extractor)
   mean, scale = probes.standardiser(data['train'].features)

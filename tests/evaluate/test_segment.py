@@ -111,7 +111,8 @@ def test_frozen_encoder_steps_leave_the_encoder_unchanged(tmp_path):
   config = tiny_segment_config(segment_freeze_steps=2)
   config.train.num_steps = 2
   method = make_method(config)
-  tuned = train._train(config, method, str(tmp_path), parallel.make_mesh(jax.devices()[:1]))
+  tuned = train._train(config, method, str(tmp_path), parallel.make_mesh(jax.devices()[:1]),
+                       method.make_train_iterator())
   start = jax.device_get(jax.jit(train.Trainer(config, method).init_state)(
       jax.random.PRNGKey(config.seed)))
   jax.tree.map(np.testing.assert_array_equal, start['params']['backbone'],
