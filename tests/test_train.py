@@ -12,6 +12,7 @@ import configs.perscan
 import configs.simclr
 from dsset import train
 from dsset.methods import contrastive
+from data_pipelines.errors import DataError
 from dsset.config_validation import ConfigError, validate
 
 CONFIG_FILES = {'simclr': configs.simclr, 'perscan': configs.perscan, 'deepset': configs.deepset}
@@ -110,3 +111,10 @@ def test_train_split_source_is_built_once(tmp_path, monkeypatch):
   monkeypatch.setattr(contrastive, 'make_source', counting)
   train.train_and_evaluate(tiny_config('simclr', **{'train.num_steps': 1}), str(tmp_path))
   assert calls.count('train') == 1
+
+
+def test_bad_data_path_leaves_no_workdir(tmp_path):
+  config = tiny_config('simclr', **{'data.source': 'nifti', 'data.path': str(tmp_path / 'none')})
+  with pytest.raises(DataError, match='none'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists(), 'nothing is written before the data is read'
