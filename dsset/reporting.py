@@ -1,8 +1,9 @@
 """Where training metrics go: metrics.jsonl, TensorBoard, and a progress display.
 
 Only process 0 writes (the others get a reporter that does nothing), so multi-host runs produce one
-log. On a terminal a tqdm bar shows rate and ETA; otherwise (CI, SLURM logs) plain lines are printed
-at each log step so the log stays readable.
+log. At each log step a plain line `step N/M loss=... ...` is printed; on a terminal it is written
+above a tqdm bar that shows rate and ETA with only the loss beside it, so the metrics never squeeze
+the bar (otherwise, in CI and SLURM logs, the lines alone keep the log readable).
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ import numpy as np
 import tqdm
 
 
-def _format(metrics: dict[str, float]) -> str:
-  keys = ('loss', 'probe_accuracy', 'learning_rate', 'images_per_s')
+LINE_KEYS = ('loss', 'probe_accuracy', 'learning_rate', 'images_per_s')
+# Beside the bar: short enough that an 80-column terminal keeps a wide bar.
+BAR_KEYS = ('loss',)
+
+
+def _format(metrics: dict[str, float], keys=LINE_KEYS) -> str:
   return ' '.join(f'{k}={metrics[k]:.4g}' for k in keys if k in metrics)
 
 
@@ -62,11 +67,10 @@ class Reporter:
     for k, v in clean.items():
       if math.isfinite(v):
         self._tb.add_scalar(k, v, step)
+    self.message(f'step {step}/{self.num_steps} {_format(clean)}')
     if self._bar is not None:
+      self._bar.set_postfix_str(_format(clean, BAR_KEYS), refresh=False)
       self._bar.update(step - self._last_step)
-      self._bar.set_postfix_str(_format(clean))
-    else:
-      self.message(f'step {step}/{self.num_steps} {_format(clean)}')
     self._last_step = step
 
   def close(self) -> None:

@@ -130,10 +130,15 @@ class ContrastiveMethod(Method):
     return {'backbone': path}
 
   def summary(self, result, workdir) -> str:
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    if importlib.util.find_spec('tensorboard') is not None:
+      board = f'TensorBoard: tensorboard --logdir {workdir}'
+    else:
+      board = ('TensorBoard event files (events.out.tfevents.*; to view them: pip install '
+               f'tensorboard, then tensorboard --logdir {workdir})')
     return (f'Done: {self.config.train.num_steps} steps. Results in {workdir}:\n'
             '  metrics.jsonl (per-step metrics), checkpoints/ (resume), '
-            f'{checkpointing.BACKBONE_FILE} (encoder for downstream), '
-            f'TensorBoard: tensorboard --logdir {workdir}')
+            f'{checkpointing.BACKBONE_FILE} (encoder for downstream), {board}')
 
 
 class _SingleSliceMethod(ContrastiveMethod):
