@@ -113,6 +113,7 @@ class ClassificationMethod(DownstreamMethod):
         'level': ev.level,
         'scan_features': ev.scan_features,
         'num_features': int(test.features.shape[1]),
+        'num_classes': int(num_classes),
         'num_examples': {split: int(len(d.labels)) for split, d in data.items()},
         **extra,
     }
