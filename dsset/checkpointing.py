@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import flax.serialization
@@ -120,6 +121,9 @@ def export_backbone(workdir: str, variables: dict, encoder_path: tuple[str, ...]
 
 def load_set_encoder(source_workdir: str) -> dict:
   """Reads the set encoder's own {'params', 'batch_stats'} (rho; empty dicts without rho)."""
+  if is_torch_file(source_workdir):
+    raise ConfigError(f'config key init_from={source_workdir!r}: a PyTorch file holds no set '
+                      'encoder; use evaluate.scan_features=\'mean\'')
   path = os.path.join(source_workdir, SET_ENCODER_FILE)
   if not os.path.isfile(path):
     raise ConfigError(f'config key init_from={source_workdir!r}: no {SET_ENCODER_FILE} there '
@@ -130,13 +134,78 @@ def load_set_encoder(source_workdir: str) -> dict:
   return {'params': tree.get('params', {}), 'batch_stats': tree.get('batch_stats', {})}
 
 
+# init_from may name a torchvision-layout ResNet state_dict instead of a workdir (docs/pytorch.md).
+TORCH_SUFFIXES = ('.pth', '.pt')
+
+
+def is_torch_file(init_from: str) -> bool:
+  """Whether init_from names a PyTorch state_dict file (by its suffix) rather than a workdir."""
+  return str(init_from).lower().endswith(TORCH_SUFFIXES)
+
+
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A torchvision-layout state_dict file as numpy arrays (torch is imported only here).
+
+  Accepts a plain state_dict, one wrapped as {'state_dict': ...} or {'model': ...}, and keys
+  prefixed by 'module.' (DataParallel). Read with weights_only=True: no pickled code runs.
+  """
+  where = f'config key init_from={path!r}'
+  if not os.path.isfile(path):
+    raise ConfigError(f'{where}: no such file')
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ConfigError(f'{where}: reading a PyTorch file needs torch: pip install torch '
+                      '(or pip install -e ".[torch]")') from None
+  try:
+    tree = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # noqa: BLE001 -- torch raises many kinds for unreadable files
+    raise ConfigError(f'{where}: torch.load cannot read it ({type(e).__name__}: '
+                      f'{str(e).splitlines()[0] if str(e) else ""})') from None
+  for wrapper in ('state_dict', 'model'):
+    if isinstance(tree, dict) and isinstance(tree.get(wrapper), dict):
+      tree = tree[wrapper]
+  if not isinstance(tree, dict) or not tree:
+    raise ConfigError(f'{where}: not a state_dict (a dict of tensors)')
+  out = {}
+  for key, value in tree.items():
+    if not isinstance(value, torch.Tensor):
+      raise ConfigError(f'{where}: {key!r} is a {type(value).__name__}, not a tensor: not a '
+                        'state_dict')
+    key = key[len('module.'):] if key.startswith('module.') else key
+    out[key] = value.detach().cpu().numpy()
+  return out
+
+
+def load_torch_backbone(path: str) -> tuple[dict, dict]:
+  """A torchvision ResNet state_dict file -> (encoder {'params', 'batch_stats'}, model dict with
+  the backbone, small_stem and width_multiplier its keys and shapes imply)."""
+  from dsset.export import convert  # pylint: disable=import-outside-toplevel
+  state_dict = load_torch_state_dict(path)
+  try:
+    model = convert.infer_model(state_dict)
+    encoder = convert.torch_to_flax(state_dict, model['backbone'])
+  except convert.ConversionError as e:
+    raise ConfigError(f'config key init_from={path!r}: {e}') from None
+  model.pop('in_channels')
+  return encoder, {**model, 'source': 'torch'}
+
+
 def load_backbone(source_workdir: str) -> tuple[dict, dict]:
-  """Reads a backbone export: ({'params', 'batch_stats'} of the encoder, its model config dict)."""
+  """Reads a backbone export: ({'params', 'batch_stats'} of the encoder, its model config dict).
+
+  source_workdir is a pretraining workdir, or a torchvision-layout ResNet state_dict file
+  (.pth/.pt: `load_torch_backbone`; its model dict has only backbone, small_stem and
+  width_multiplier, plus source='torch').
+  """
+  if is_torch_file(source_workdir):
+    return load_torch_backbone(source_workdir)
   path = os.path.join(source_workdir, BACKBONE_FILE)
   info_path = os.path.join(source_workdir, BACKBONE_INFO_FILE)
   if not os.path.isfile(path) or not os.path.isfile(info_path):
     raise ConfigError(f'config key init_from={source_workdir!r}: no {BACKBONE_FILE} there; '
-                      'point it at a finished pretraining workdir')
+                      'point it at a finished pretraining workdir (or a torchvision ResNet '
+                      '.pth file)')
   with open(path, 'rb') as f:
     encoder = flax.serialization.msgpack_restore(f.read())
   with open(info_path) as f:
@@ -144,22 +213,123 @@ def load_backbone(source_workdir: str) -> tuple[dict, dict]:
   return encoder, info['model']
 
 
+def _stem_for_grey(target: dict, loaded: dict) -> dict:
+  """loaded params with a 3-channel stem kernel summed to 1 channel when the target has 1.
+
+  Summed, not divided by 3: conv1 of a grey image g with the summed kernel equals conv1 of g
+  repeated to RGB with the 3 kernels, so bn1's running statistics and every feature stay those of
+  the source network fed the grey image as RGB (timm's adapt_input_conv does the same). A plain
+  mean would scale conv1's output by 1/3 against bn1's statistics.
+  """
+  stem_target, stem_loaded = _get_path(target, ('Conv_0', 'kernel')), _get_path(
+      loaded, ('Conv_0', 'kernel'))
+  if stem_target is None or stem_loaded is None or np.ndim(stem_loaded) != 4:
+    return loaded
+  (h, w, c, o), (h2, w2, c2, o2) = np.shape(stem_target), np.shape(stem_loaded)
+  if (c, c2) != (1, 3) or (h, w, o) != (h2, w2, o2):
+    return loaded  # nothing to adapt, or a mismatch insert_backbone names as it is
+  summed = np.sum(np.asarray(stem_loaded, np.float32), axis=2, keepdims=True)
+  return {**loaded, 'Conv_0': {**loaded['Conv_0'], 'kernel': summed}}
+
+
+def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
+  for key in path:
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def _flat_shapes(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flat_shapes(value, (*prefix, str(key))))
+    return out
+  return {prefix: tuple(np.shape(tree))}
+
+
+def _flax_label(collection: str, path: tuple[str, ...], shape: tuple) -> tuple[Any, str, tuple]:
+  """(sort key, label, shape shown) of a variable named by its Flax path."""
+  label = f'{collection}/{"/".join(path)}'
+  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', label)], label, shape
+
+
+def _torch_labeller(encoder: dict):
+  """Labels variables of an encoder read from a torchvision file by their torch keys, in network
+  order, with conv kernels shown as torch holds them (OIHW)."""
+  from dsset.export import convert  # pylint: disable=import-outside-toplevel
+  backbone = _backbone_of(encoder)
+  order = convert.torch_key_order(backbone)
+
+  def label(collection: str, path: tuple[str, ...], shape: tuple) -> tuple[Any, str, tuple]:
+    key = convert.torch_name(backbone, collection, path)
+    if key is None:
+      _, name, shape = _flax_label(collection, path, shape)
+      return (len(order), name), name, shape
+    if path[-1] == 'kernel' and len(shape) == 4:
+      shape = (shape[3], shape[2], shape[0], shape[1])
+    return (order[key], key), key, shape
+  return label
+
+
+def _mismatches(collection: str, target: dict, loaded: dict, label) -> list[tuple[Any, str]]:
+  """(sort key, line) naming every variable whose shape differs, or that only one side has."""
+  want, have = _flat_shapes(target), _flat_shapes(loaded)
+  lines = []
+  for path in set(want) | set(have):
+    if path not in have:
+      key, name, shape = label(collection, path, want[path])
+      lines.append((key, f'{name} missing (this model has {list(shape)})'))
+    elif path not in want:
+      key, name, _ = label(collection, path, have[path])
+      lines.append((key, f'{name} not in this model'))
+    elif want[path] != have[path]:
+      key, name, shape_have = label(collection, path, have[path])
+      _, _, shape_want = label(collection, path, want[path])
+      lines.append((key, f'{name} has {list(shape_have)}, this model {list(shape_want)}'))
+  return lines
+
+
 def insert_backbone(variables: dict, encoder: dict, encoder_path: tuple[str, ...],
                     source: str) -> dict:
-  """Returns variables with the encoder subtree replaced by `encoder`, checking every shape."""
+  """Returns variables with the encoder subtree replaced by `encoder`, checking every shape.
+
+  From a torchvision file (a .pth/.pt source) a 3-channel stem is summed to 1 channel when this
+  model's is 1-channel (`_stem_for_grey`), and mismatches are named by torch key and shape (OIHW);
+  otherwise by Flax path and shape (conv kernels HWIO).
+  """
+  torch_source = is_torch_file(source)
+  label = _torch_labeller(encoder) if torch_source else _flax_label
   out = {}
+  lines = []
   for collection in ('params', 'batch_stats'):
     target = subtree(variables[collection], encoder_path)
     loaded = encoder[collection]
-    target_shapes = jax.tree.map(np.shape, target)
-    loaded_shapes = jax.tree.map(np.shape, loaded)
-    if target_shapes != loaded_shapes:
-      raise ConfigError(f'config key init_from={source!r}: its encoder does not match this '
-                        'config\'s model (check model.backbone, model.width_multiplier, '
-                        'model.small_stem and data.channels)')
+    if torch_source and collection == 'params':
+      loaded = _stem_for_grey(target, loaded)
+    mismatches = _mismatches(collection, target, loaded, label)
+    if mismatches:
+      lines.extend(mismatches)
+      continue
     new = jax.tree.map(lambda t, l: np.asarray(l, dtype=t.dtype), target, loaded)
     out[collection] = replace_subtree(variables[collection], encoder_path, new)
+  if lines:
+    lines = [line for _, line in sorted(lines, key=lambda item: item[0])]
+    shown = '; '.join(lines[:4]) + (f'; and {len(lines) - 4} more' if len(lines) > 4 else '')
+    raise ConfigError(f'config key init_from={source!r}: its encoder does not match this '
+                      'config\'s model (check model.backbone, model.width_multiplier, '
+                      f'model.small_stem and data.channels): {shown}')
   return {**variables, **out}
+
+
+def _backbone_of(encoder: dict) -> str:
+  """The dsset backbone name of Flax encoder variables (by block type and count)."""
+  blocks = [key for key in encoder['params'] if '_' in key and not key.startswith(
+      ('Conv_', 'BatchNorm_'))]
+  if any(key.startswith('Bottleneck_') for key in blocks):
+    return 'resnet50'
+  return 'resnet10' if len(blocks) == 4 else 'resnet18'
 
 
 def replace_subtree(tree: dict, path: tuple[str, ...], value: Any) -> dict:

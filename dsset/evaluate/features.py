@@ -59,6 +59,13 @@ def encoder_model_config(config) -> ml_collections.ConfigDict:
   if not config.init_from:
     return config.model
   _, source_model = checkpointing.load_backbone(config.init_from)
+  if checkpointing.is_torch_file(config.init_from):
+    # A torchvision file fixes only the architecture (backbone, small_stem, width_multiplier);
+    # the rest of the model section (set pooling, rho) is this config's.
+    model = ml_collections.ConfigDict(config.model.to_dict())
+    model.update({key: source_model[key]
+                  for key in ('backbone', 'small_stem', 'width_multiplier')})
+    return model
   model = ml_collections.ConfigDict(source_model)
   model.dtype = config.model.dtype
   model.cpu_fast_path = config.model.cpu_fast_path
@@ -69,6 +76,8 @@ def pretraining_method(init_from: str) -> str:
   """The method of the pretraining run in `init_from` (its config.json), or 'random init'."""
   if not init_from:
     return RANDOM_INIT
+  if checkpointing.is_torch_file(init_from):
+    return f'torch weights ({os.path.basename(init_from)})'
   path = os.path.join(init_from, 'config.json')
   try:
     with open(path) as f:
