@@ -156,7 +156,8 @@ class SimclrMethod(_SingleSliceMethod):
 
   def make_sampler(self, source):
     d = self.config.data
-    return samplers.SimclrSampler(source, int(d.image_size), int(d.channels))
+    return samplers.SimclrSampler(source, int(d.image_size), int(d.channels),
+                                  on_bad_scan=str(d.on_bad_scan))
 
 
 class PerScanMethod(_SingleSliceMethod):
@@ -164,7 +165,8 @@ class PerScanMethod(_SingleSliceMethod):
 
   def make_sampler(self, source):
     d = self.config.data
-    return samplers.PerScanSampler(source, int(d.image_size), int(d.channels), float(d.window))
+    return samplers.PerScanSampler(source, int(d.image_size), int(d.channels), float(d.window),
+                                   on_bad_scan=str(d.on_bad_scan))
 
 
 class DeepSetMethod(ContrastiveMethod):
@@ -177,4 +179,5 @@ class DeepSetMethod(ContrastiveMethod):
   def make_sampler(self, source):
     d = self.config.data
     return samplers.DeepSetSampler(source, int(d.image_size), int(d.channels), float(d.window),
-                                   int(d.set_size), bool(d.variable_set_size))
+                                   int(d.set_size), bool(d.variable_set_size),
+                                   on_bad_scan=str(d.on_bad_scan))
