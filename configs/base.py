@@ -41,8 +41,10 @@ def get_config(arg=None):
   c.data.window = 0.5  # omega: window width as a fraction of the scan's slices.
   c.data.variable_set_size = False  # pad sets of short scans and mask the missing slices.
   c.data.slice_axis = 'axial'  # 'axial' | 'coronal' | 'sagittal' (after RAS reorientation).
-  # Intensity policy: 'ct' (HU window -> [0, 1]) | 'mri' (percentile clip -> [0, 1]) | 'minmax'.
-  c.data.intensity = 'ct'
+  # Intensity policy: 'auto' (chosen per source from a few scans: 'ct' when HU-like, else 'mri',
+  # or 'minmax' for PNG/.npz; docs/data.md) | 'ct' (HU window -> [0, 1]) | 'mri' (percentile
+  # clip -> [0, 1]) | 'minmax'.
+  c.data.intensity = 'auto'
   c.data.ct_window = (-1000.0, 1000.0)  # HU (low, high) mapped to [0, 1].
   c.data.mri_percentiles = (0.5, 99.5)
   c.data.labels_csv = ''  # CSV of name,label rows (integers or class names; docs/data-formats.md).

@@ -16,6 +16,7 @@ import os
 from absl import logging
 import numpy as np
 
+from data_pipelines import intensity
 from data_pipelines.errors import DataError
 from data_pipelines.orientation import canonical_mask
 from data_pipelines.sources import labels, nifti
@@ -104,6 +105,22 @@ def _build(item: tuple[str, object], base: str, data_config) -> DatalistEntry:
                        num_slices=num_slices)
 
 
+def _candidate(entry: DatalistEntry, data_config) -> intensity.Candidate:
+  """The entry as a scan data.intensity='auto' may sample (DICOM folders know their Modality)."""
+  if os.path.isdir(entry.image):
+    from data_pipelines.sources import dicom
+    return dicom.candidate(_dicom_series(entry.image, data_config), data_config)
+  return intensity.Candidate(entry.image, lambda: nifti.read_raw(entry.image, data_config)[0])
+
+
+def _candidates(entries: list[DatalistEntry], data_config):
+  for entry in entries:
+    try:
+      yield _candidate(entry, data_config)
+    except DataError:
+      continue  # named when the entry is read
+
+
 def load_entry(entry: DatalistEntry, data_config) -> Scan:
   """Decodes one entry (and its mask) into a Scan: canonical orientation, then data.intensity."""
   volume, spacing = _read_volume(entry.image, data_config)
@@ -134,6 +151,12 @@ def make_source(data_config, split: str) -> CachedScanSource:
   class_labels = [r.get('label') for lst in datalist.values() if isinstance(lst, list)
                   for r in lst if isinstance(r, dict) and type(r.get('label')) is int]
   num_classes = max(class_labels) + 1 if class_labels else 0
+  sampled = entries[:2 * intensity.SAMPLE_SCANS]
+  policy = intensity.resolve_policy(
+      data_config, f'datalist {split}', _candidates(sampled, data_config),
+      memo_key=('datalist', os.path.abspath(path), data_config.slice_axis,
+                tuple(e.image for e in sampled)))
+  data_config = intensity.with_policy(data_config, policy)
   return CachedScanSource(entries, functools.partial(load_entry, data_config=data_config),
                           [e.num_slices for e in entries], num_classes,
                           data_config.decoded_cache_scans, problems)

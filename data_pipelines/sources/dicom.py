@@ -14,12 +14,14 @@ first access and kept in a per-process LRU (data.decoded_cache_scans).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
 
 import numpy as np
 
+from data_pipelines import intensity
 from data_pipelines.errors import DataError
 from data_pipelines.intensity import normalise
 from data_pipelines.orientation import canonical_geometry, canonical_slices
@@ -52,6 +54,7 @@ class _FileHeader:
   shape: tuple[int, int]  # rows, columns
   positions: tuple[tuple[float, float, float], ...]  # one per frame, LPS mm
   slice_gap: float  # SpacingBetweenSlices or SliceThickness; used only for one-slice series
+  modality: str = ''  # Modality ('CT', 'MR', ...); data.intensity='auto' uses it
   # Why the pixel data cannot be used (truncated, no decoder); it makes the whole series bad, since
   # a series silently missing a slice would be a different scan.
   problem: str = ''
@@ -67,6 +70,7 @@ class Series:
   num_slices: int  # along data.slice_axis, after reorientation
   group: str  # what the hash split keys on: the top folder (patient), or the UID at the root
   label: int = -1
+  modality: str = ''  # Modality of the series' first file ('' when absent)
 
 
 def _functional(ds, sequence: str, attribute: str, frame: int):
@@ -150,6 +154,7 @@ def read_header(path: str) -> _FileHeader | None:
       path=path, series_uid=str(ds.SeriesInstanceUID), orientation=orientation,
       pixel_spacing=(float(spacing[0]), float(spacing[1])), shape=shape,
       positions=tuple(tuple(float(v) for v in p) for p in positions), slice_gap=float(gap),
+      modality=str(ds.get('Modality', '') or '').strip().upper(),
       problem=_decoder_problem(ds, path) or _length_problem(ds, path, shape, num_frames,
                                                             header_end))
 
@@ -223,7 +228,7 @@ def _build_series(group: tuple[str, str, str, list[_FileHeader]], labels: labels
   folder = scan_id.split('#')[0]
   return Series(scan_id=scan_id, uid=uid, frames=tuple((path, f) for _, path, f in frames),
                 affine=affine, num_slices=num_slices, group=split_group,
-                label=labels.label_for(scan_id, folder, uid))
+                label=labels.label_for(scan_id, folder, uid), modality=headers[0].modality)
 
 
 def _decode_file(path: str) -> np.ndarray:
@@ -262,6 +267,27 @@ def series_array(series: Series) -> tuple[np.ndarray, np.ndarray]:
     slices.append(decoded[path][frame])
   array = np.stack(slices).transpose(2, 1, 0).astype(np.float32)
   return array, series.affine
+
+
+def raw_values(series: Series, data_config) -> np.ndarray:
+  """Values of one series after rescale and canonical orientation, before the intensity policy."""
+  array, affine = series_array(series)
+  return canonical_slices(array, affine, data_config.slice_axis)[0]
+
+
+def candidate(series: Series, data_config) -> intensity.Candidate:
+  """The series as a scan data.intensity='auto' may sample (its Modality known from headers)."""
+  return intensity.Candidate(f'DICOM series {series.scan_id}',
+                             functools.partial(raw_values, series, data_config), series.modality)
+
+
+def warn_mixed_modalities(series: list[Series], policy: str, where: str) -> None:
+  """One policy serves a whole source: say so when its series are CT and MR mixed."""
+  counts = collections.Counter(s.modality for s in series if s.modality in ('CT', 'MR'))
+  if len(counts) == 2:
+    intensity.tell(f'warning: the {where} scans mix {counts["CT"]} CT and {counts["MR"]} MR '
+                   f'series, and every one uses data.intensity={policy!r}; put CT and MR under '
+                   'separate data.path folders or set data.intensity')
 
 
 def load_series(series: Series, data_config) -> Scan:
@@ -310,6 +336,13 @@ def make_source(data_config, split: str) -> CachedScanSource:
   series = splits.find_in_split(
       data_config, split, lambda root: find_series(root, data_config, labels, problems),
       lambda s: s.group, 'DICOM series')
+  sampled = series[:2 * intensity.SAMPLE_SCANS]
+  policy = intensity.resolve_policy(
+      data_config, f'DICOM {split}', (candidate(s, data_config) for s in sampled),
+      memo_key=('dicom', os.path.abspath(data_config.path), data_config.slice_axis,
+                tuple((s.uid, s.frames) for s in sampled)))
+  warn_mixed_modalities(series, policy, f'DICOM {split}')
+  data_config = intensity.with_policy(data_config, policy)
   return CachedScanSource(series, functools.partial(load_series, data_config=data_config),
                           [s.num_slices for s in series], labels.num_classes,
                           data_config.decoded_cache_scans,

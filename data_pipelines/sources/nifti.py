@@ -109,13 +109,19 @@ def _decode(path: str, data_config) -> tuple[np.ndarray, np.ndarray]:
     raise DataError(f'{path}: cannot decode voxels ({type(e).__name__}: {e})') from None
 
 
+def read_raw(path: str, data_config) -> tuple[np.ndarray, tuple[float, float, float]]:
+  """(values float32 [D, H, W] as stored, spacing) of a NIfTI file: decode and orient only."""
+  array, affine = _decode(path, data_config)
+  return orientation.canonical_slices(array, affine, data_config.slice_axis)
+
+
 def read_volume(path: str, data_config) -> tuple[np.ndarray, tuple[float, float, float]]:
   """(volume float32 [D, H, W] in [0, 1], spacing) of a NIfTI file: decode, orient, normalise.
 
-  The first volume of a 4D file; data.slice_axis and data.intensity apply. DataError names the file.
+  The first volume of a 4D file; data.slice_axis and data.intensity apply (sources pass the policy
+  they resolved; see intensity.resolve_policy). DataError names the file.
   """
-  array, affine = _decode(path, data_config)
-  volume, spacing = orientation.canonical_slices(array, affine, data_config.slice_axis)
+  volume, spacing = read_raw(path, data_config)
   return intensity.normalise(volume, data_config, str(path)), spacing
 
 
@@ -135,19 +141,23 @@ class NiftiEntry:
   label: int
   mask: str | None
   # Cache keys, taken once when the source is built: a file replaced during a run is read as it was.
+  # volume_key names the file and slice axis; load_entry adds the intensity policy the source chose.
   volume_key: tuple[str, ...]
   mask_key: tuple[str, ...] | None
 
 
 def _cache_key(path: str, kind: str, data_config) -> tuple[str, ...]:
-  """Everything that determines a decoded array: the file's identity and the decoding settings."""
+  """The file's identity and slice axis; a volume's full key adds _intensity_key."""
   stat = os.stat(path)
   key = [_CACHE_VERSION, kind, str(pathlib.Path(path).resolve()), stat.st_size, stat.st_mtime_ns,
          data_config.slice_axis]
-  if kind == 'volume':
-    settings = intensity.IntensitySettings.from_config(data_config)
-    key.append([settings.intensity, settings.ct_window, settings.mri_percentiles])
   return tuple(map(str, key))
+
+
+def _intensity_key(data_config) -> tuple[str]:
+  """The policy a cached volume was normalised with (the resolved one, never 'auto')."""
+  settings = intensity.IntensitySettings.from_config(data_config)
+  return (str([settings.intensity, settings.ct_window, settings.mri_percentiles]),)
 
 
 def _cache_dir(data_config) -> str:
@@ -191,13 +201,28 @@ def _build(candidate: tuple[str, str], labels: labels_lib.Labels, data_config) -
 
 def load_entry(entry: NiftiEntry, cache: VolumeCache, data_config) -> Scan:
   """The entry's scan: volume (and mask) as read-only memory maps, decoded on a cache miss."""
-  volume = cache.load(entry.volume_key,
+  volume = cache.load(entry.volume_key + _intensity_key(data_config),
                       lambda: read_volume(entry.path, data_config)[0].astype(np.float16))
   mask = None
   if entry.mask is not None:
     mask = cache.load(entry.mask_key, lambda: read_mask(entry.mask, data_config))
   return Scan(volume=volume, spacing=entry.spacing, scan_id=entry.scan_id, label=entry.label,
               mask=mask)
+
+
+def resolve_intensity(entries: list[NiftiEntry], data_config, where: str):
+  """`data_config` with the data.intensity the source's first scans call for (intensity.py)."""
+  sampled = entries[:2 * intensity.SAMPLE_SCANS]
+  candidates = (intensity.Candidate(e.scan_id, functools.partial(_raw_values, e.path, data_config))
+                for e in sampled)
+  policy = intensity.resolve_policy(
+      data_config, where, candidates,
+      memo_key=('nifti', tuple(e.volume_key for e in sampled)))
+  return intensity.with_policy(data_config, policy)
+
+
+def _raw_values(path: str, data_config) -> np.ndarray:
+  return read_raw(path, data_config)[0]
 
 
 def find_files(root: str) -> list[tuple[str, str]]:
@@ -215,6 +240,7 @@ def make_source(data_config, split: str) -> CachedScanSource:
   build = functools.partial(_build, labels=labels, data_config=data_config)
   entries = keep_usable(candidates, build, data_config, f'NIfTI files for split {split!r}',
                         problems)
+  data_config = resolve_intensity(entries, data_config, f'NIfTI {split}')
   cache = VolumeCache(_cache_dir(data_config), int(float(data_config.cache_max_gb) * 1e9))
   return CachedScanSource(entries, functools.partial(load_entry, cache=cache,
                                                      data_config=data_config),

@@ -6,16 +6,19 @@ Labels are [N] or [N, 1] integers. Arrays have no geometry: slices stay in array
 spacing is data.default_spacing.
 
 Intensity: uint8 arrays hold display values and are scaled by 1/255 (like 8-bit PNGs); any other
-dtype goes through data.intensity. The split's image array is read into memory once per process.
+dtype goes through data.intensity ('auto': 'ct' when the values look like Hounsfield units, else
+'minmax', since arrays carry no unit). The split's image array is read into memory once per process.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import zipfile
 
 import numpy as np
 
+from data_pipelines import intensity
 from data_pipelines.errors import DataError
 from data_pipelines.intensity import normalise, scale_8bit
 from data_pipelines.sources.base import Scan
@@ -93,6 +96,21 @@ class NpzSource:
     all_labels = _read_arrays(self._path, [k for k in keys if k.endswith('_labels')])
     self._num_classes = max((int(v.max()) + 1 for v in all_labels.values() if v.size), default=0)
     self._stem = os.path.splitext(os.path.basename(self._path))[0]
+    # Arrays have no physical unit: 'auto' is 'ct' only for HU-like values, else 'minmax'.
+    candidates = (intensity.Candidate(f'{self._path} {self._images_key}[{i}]',
+                                      functools.partial(self._values, i))
+                  for i in range(min(len(self), 2 * intensity.SAMPLE_SCANS)))
+    stat = os.stat(self._path)
+    policy = intensity.resolve_policy(
+        data_config, f'npz {split}', candidates, physical_units=False,
+        memo_key=('npz', os.path.abspath(self._path), stat.st_size, stat.st_mtime_ns, split))
+    self._data_config = intensity.with_policy(data_config, policy)
+
+  def _values(self, index: int) -> np.ndarray:
+    values = self._images[index]
+    if self._eight_bit:  # grey from colour is float in 0..255: marked 8-bit for the sample
+      return np.asarray(values).astype(np.uint8)
+    return np.asarray(values, np.float32)
 
   def __len__(self) -> int:
     return int(self._labels.shape[0])

@@ -16,6 +16,8 @@ generated on demand from (data.phantom.seed, index) with vectorised numpy (a few
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from data_pipelines import intensity
@@ -196,6 +198,17 @@ class PhantomSource:
     extra = _extra_indices(num_scans, int(phantom.extra_eval_scans),
                            int(phantom.extra_train_scans), len(CLASS_NAMES))
     self._indices = np.concatenate([splits[split], extra[split]])
+    # Phantom scans are generated in Hounsfield units: data.intensity='auto' resolves to 'ct'.
+    candidates = (intensity.Candidate(f'phantom_{i:05d}', functools.partial(self._hu, int(i)), 'CT')
+                  for i in self._indices)
+    policy = intensity.resolve_policy(
+        data_config, f'phantom {split}', candidates, known_from='generated as',
+        memo_key=('phantom', self._shape, self._seed, self._noise_hu,
+                  tuple(int(i) for i in self._indices[:2 * intensity.SAMPLE_SCANS])))
+    self._intensity = intensity.with_policy(self._intensity, policy)
+
+  def _hu(self, phantom_index: int) -> np.ndarray:
+    return generate_scan(phantom_index, *self._shape, seed=self._seed, noise_hu=self._noise_hu)[0]
 
   @property
   def num_classes(self) -> int:

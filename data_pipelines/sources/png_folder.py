@@ -6,7 +6,8 @@ spacing is data.default_spacing.
 
 Intensity: 8-bit images already hold display values, so they are scaled by 1/255 whatever
 data.intensity says (the reference code did the same); 16-bit and 32-bit images hold raw values and
-go through data.intensity. Colour images are converted to grey (PIL's 'L' luminance).
+go through data.intensity ('auto': 'ct' when they look like Hounsfield units, else 'minmax', since
+image files carry no unit). Colour images are converted to grey (PIL's 'L' luminance).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import re
 import numpy as np
 from PIL import Image
 
+from data_pipelines import intensity
 from data_pipelines.errors import DataError
 from data_pipelines.intensity import normalise, scale_8bit
 from data_pipelines.sources import labels as labels_lib
@@ -66,14 +68,19 @@ def _read_slice(path: str) -> np.ndarray:
     raise DataError(f'{path}: unreadable image ({e})') from None
 
 
-def load_slice_folder(folder: SliceFolder, data_config) -> Scan:
-  """Decodes every slice file and stacks them into a Scan."""
+def read_values(folder: SliceFolder) -> np.ndarray:
+  """The slice files' values stacked [D, H, W] as stored (uint8 for 8-bit images)."""
   slices = [_read_slice(path) for path in folder.files]
   for path, image in zip(folder.files, slices):
     if image.shape != slices[0].shape:
       raise DataError(f'{path}: image size {image.shape} differs from {folder.files[0]} '
                       f'{slices[0].shape}')
-  values = np.stack(slices)
+  return np.stack(slices)
+
+
+def load_slice_folder(folder: SliceFolder, data_config) -> Scan:
+  """Decodes every slice file and stacks them into a Scan."""
+  values = read_values(folder)
   if values.dtype == np.uint8:
     volume = scale_8bit(values, f'slice folder {folder.scan_id}')
   else:
@@ -113,6 +120,14 @@ def make_source(data_config, split: str) -> CachedScanSource:
   problems = []
   build = functools.partial(_build, labels=labels, data_config=data_config)
   scans = keep_usable(candidates, build, data_config, 'slice folders', problems)
+  # Image files have no physical unit: 'auto' is 'ct' only for HU-like values, else 'minmax'.
+  sampled = scans[:2 * intensity.SAMPLE_SCANS]
+  policy = intensity.resolve_policy(
+      data_config, f'PNG {split}',
+      (intensity.Candidate(f'slice folder {f.scan_id}', functools.partial(read_values, f))
+       for f in sampled),
+      physical_units=False, memo_key=('png', tuple(f.files for f in sampled)))
+  data_config = intensity.with_policy(data_config, policy)
   return CachedScanSource(scans, functools.partial(load_slice_folder, data_config=data_config),
                           [len(f.files) for f in scans], labels.num_classes,
                           data_config.decoded_cache_scans,
