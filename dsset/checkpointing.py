@@ -221,8 +221,9 @@ def _stem_for_grey(target: dict, loaded: dict) -> dict:
   the source network fed the grey image as RGB (timm's adapt_input_conv does the same). A plain
   mean would scale conv1's output by 1/3 against bn1's statistics.
   """
-  stem_target, stem_loaded = _get_path(target, ('Conv_0', 'kernel')), _get_path(
-      loaded, ('Conv_0', 'kernel'))
+  from dsset.export import convert  # pylint: disable=import-outside-toplevel
+  stem_target = convert.lookup(target, ('Conv_0', 'kernel'))
+  stem_loaded = convert.lookup(loaded, ('Conv_0', 'kernel'))
   if stem_target is None or stem_loaded is None or np.ndim(stem_loaded) != 4:
     return loaded
   (h, w, c, o), (h2, w2, c2, o2) = np.shape(stem_target), np.shape(stem_loaded)
@@ -230,14 +231,6 @@ def _stem_for_grey(target: dict, loaded: dict) -> dict:
     return loaded  # nothing to adapt, or a mismatch insert_backbone names as it is
   summed = np.sum(np.asarray(stem_loaded, np.float32), axis=2, keepdims=True)
   return {**loaded, 'Conv_0': {**loaded['Conv_0'], 'kernel': summed}}
-
-
-def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
-  for key in path:
-    if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
 
 
 def _flat_shapes(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple]:

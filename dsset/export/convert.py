@@ -54,7 +54,8 @@ def _modules(backbone: str) -> Iterator[tuple[tuple[str, ...], str, str]]:
       i += 1
 
 
-def _get(tree: dict, path: tuple[str, ...]) -> Any:
+def lookup(tree: Any, path: tuple[str, ...]) -> Any:
+  """tree[path[0]][path[1]]..., or None where the path does not exist."""
   for key in path:
     if not isinstance(tree, dict) or key not in tree:
       return None
@@ -93,7 +94,7 @@ def flax_to_torch(encoder: dict, backbone: str) -> 'OrderedDict[str, np.ndarray]
   out = OrderedDict()
   used = 0
   for path, prefix, kind in _modules(backbone):
-    params = _get(encoder['params'], path)
+    params = lookup(encoder['params'], path)
     if params is None:
       continue  # a block without a shortcut
     if kind == 'conv':
@@ -101,7 +102,7 @@ def flax_to_torch(encoder: dict, backbone: str) -> 'OrderedDict[str, np.ndarray]
           np.transpose(np.asarray(params['kernel'], np.float32), (3, 2, 0, 1)))
       used += 1
     else:
-      stats = _get(encoder['batch_stats'], path)
+      stats = lookup(encoder['batch_stats'], path)
       out[f'{prefix}.weight'] = np.asarray(params['scale'], np.float32)
       out[f'{prefix}.bias'] = np.asarray(params['bias'], np.float32)
       out[f'{prefix}.running_mean'] = np.asarray(stats['mean'], np.float32)

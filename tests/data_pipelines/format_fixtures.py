@@ -150,3 +150,15 @@ def write_png_folder(folder: str, volume: np.ndarray, prefix: str = 'slice', ord
   os.makedirs(folder, exist_ok=True)
   for k in np.random.default_rng(order_seed).permutation(volume.shape[0]):
     Image.fromarray(volume[k]).save(os.path.join(folder, f'{prefix}-{k}.png'))
+
+
+def data_config(root, source: str = 'nifti', **keys):
+  """configs/base.py's data section for a folder under test: every scan in train, a cache beside
+  the folder, and the given keys."""
+  from configs import base  # pylint: disable=import-outside-toplevel
+  config = base.get_config().data
+  config.source, config.path = source, str(root)
+  config.cache_dir = str(root) + '_cache'
+  config.val_fraction = config.test_fraction = 0.0
+  config.update(keys)
+  return config

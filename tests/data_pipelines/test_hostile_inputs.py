@@ -14,21 +14,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from configs import base
 from data_pipelines.errors import DataError
 from data_pipelines.sources import dicom, nifti, png_folder
 import format_fixtures as ff
 
 GOOD = 'good.nii.gz'
-
-
-def _config(root, source='nifti', **keys):
-  config = base.get_config().data
-  config.source, config.path = source, str(root)
-  config.cache_dir = str(root) + '_cache'
-  config.val_fraction = config.test_fraction = 0.0
-  config.update(keys)
-  return config
 
 
 def _volume(shape=(6, 7, 8), seed=0):
@@ -125,7 +115,7 @@ def test_each_hostile_nifti_is_one_named_data_error(tmp_path, caplog, name, writ
   write(root / 'bad.nii.gz')
   bad_file = f'{root / "bad.nii.gz"}: '
   caplog.set_level(logging.WARNING)
-  source = nifti.make_source(_config(root), 'train')
+  source = nifti.make_source(ff.data_config(root), 'train')
   if found == 'build':
     # Skipped with a warning and a summary; the good scan remains.
     assert [e.scan_id for e in source.entries] == [GOOD]
@@ -133,10 +123,10 @@ def test_each_hostile_nifti_is_one_named_data_error(tmp_path, caplog, name, writ
     assert source.skipped[0].startswith(bad_file)
     assert '1 of 2 NIfTI files' in caplog.text
     with pytest.raises(DataError, match=bad_file + message):
-      nifti.make_source(_config(root, on_bad_scan='stop'), 'train')
+      nifti.make_source(ff.data_config(root, on_bad_scan='stop'), 'train')
     os.remove(root / GOOD)
     with pytest.raises(DataError, match='no usable NIfTI files'):  # nothing usable left
-      nifti.make_source(_config(root), 'train')
+      nifti.make_source(ff.data_config(root), 'train')
   else:
     # Only decoding shows the fault: reading the scan raises, naming the file.
     bad = [e.scan_id for e in source.entries].index('bad.nii.gz')
@@ -152,7 +142,7 @@ def test_non_utf8_file_names_are_skipped_by_name(tmp_path):
   bad_name = os.path.join(os.fsencode(root), b'caf\xe9.nii.gz')
   with open(bad_name, 'wb') as f:
     f.write(gzip.compress(_nifti_bytes()))
-  source = nifti.make_source(_config(root), 'train')
+  source = nifti.make_source(ff.data_config(root), 'train')
   assert [e.scan_id for e in source.entries] == [GOOD]
   assert r'caf\udce9.nii.gz' in source.skipped[0] and 'not valid UTF-8' in source.skipped[0]
   source.skipped[0].encode('ascii')  # printable on any terminal
@@ -164,7 +154,7 @@ def test_folder_link_loops_neither_hang_nor_repeat_scans(tmp_path):
   _save(root / 'p1' / GOOD, _volume())
   os.symlink('..', root / 'p1' / 'up')  # p1/up/p1/up/... loops
   os.symlink(str(root / 'p1'), root / 'p2')  # a second link to one folder is visited once
-  source = nifti.make_source(_config(root), 'train')
+  source = nifti.make_source(ff.data_config(root), 'train')
   assert len(source) == 1
 
 
@@ -172,15 +162,15 @@ def test_constant_and_empty_inputs_of_other_formats_are_named(tmp_path):
   flat = np.full((4, 8, 8), 7, np.uint8)
   ff.write_png_folder(tmp_path / 'png' / 'flat', flat)
   ff.write_png_folder(tmp_path / 'png' / 'ok', np.arange(256, dtype=np.uint8).reshape(4, 8, 8))
-  source = png_folder.make_source(_config(tmp_path / 'png', 'png'), 'train')
+  source = png_folder.make_source(ff.data_config(tmp_path / 'png', 'png'), 'train')
   with pytest.raises(DataError, match='slice folder flat: every voxel is 7; the scan is constant'):
     source[[s.scan_id for s in source.entries].index('flat')]
   (tmp_path / 'png' / 'ok' / 'slice-9.png').write_bytes(b'')
-  source = png_folder.make_source(_config(tmp_path / 'png', 'png'), 'train')
+  source = png_folder.make_source(ff.data_config(tmp_path / 'png', 'png'), 'train')
   assert any('slice-9.png: the file is empty' in m for m in source.skipped)
   ff.write_dicom_series(tmp_path / 'dcm' / 'good', ff.stored_values())
   (tmp_path / 'dcm' / 'good' / 'empty.dcm').write_bytes(b'')
-  source = dicom.make_source(_config(tmp_path / 'dcm', 'dicom'), 'train')
+  source = dicom.make_source(ff.data_config(tmp_path / 'dcm', 'dicom'), 'train')
   assert len(source) == 1 and any('empty.dcm: the file is empty' in m for m in source.skipped)
 
 
@@ -219,7 +209,7 @@ def test_fuzzed_nifti_gives_a_valid_volume_or_a_data_error(tmp_path_factory, exa
   name = 'scan.nii.gz' if compressed else 'scan.nii'
   (root / name).write_bytes(gzip.compress(data) if compressed else data)
   # A small cap keeps declared-but-absent voxels from costing memory in this test.
-  config = _config(root, max_voxels=10**6, variable_set_size=True, on_bad_scan='stop')
+  config = ff.data_config(root, max_voxels=10**6, variable_set_size=True, on_bad_scan='stop')
   try:
     source = nifti.make_source(config, 'train')
     for i in range(len(source)):

@@ -63,15 +63,6 @@ def save(path, array):
   nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
 
 
-def config_for(source, root, **keys):
-  config = base.get_config().data
-  config.source, config.path = source, str(root)
-  config.cache_dir = str(root) + '_cache'
-  config.val_fraction = config.test_fraction = 0.0
-  config.update(keys)
-  return config
-
-
 def auto_lines(text):
   return [line for line in text.splitlines() if line.startswith('data.intensity=auto')]
 
@@ -121,8 +112,8 @@ def test_nifti_auto_picks_ct_for_hu_and_mri_for_t1(tmp_path, capsys, kind, make,
                                                    evidence):
   for i in range(4):
     save(tmp_path / kind / f'scan{i}.nii.gz', make(seed=i))
-  source = nifti.make_source(config_for('nifti', tmp_path / kind), 'train')
-  explicit = nifti.make_source(config_for('nifti', tmp_path / kind, intensity=policy), 'train')
+  source = nifti.make_source(ff.data_config(tmp_path / kind, 'nifti'), 'train')
+  explicit = nifti.make_source(ff.data_config(tmp_path / kind, 'nifti', intensity=policy), 'train')
   # The same cache entries: the resolved policy, not 'auto', is in the key.
   np.testing.assert_array_equal(source[3].volume, explicit[3].volume)
   assert len(list((tmp_path / f'{kind}_cache').glob('*.npy'))) == 1
@@ -152,7 +143,7 @@ def test_choice_is_deterministic_and_made_from_the_first_scans_in_sorted_order(t
     save(tmp_path / f'a{i}.nii', t1_volume(seed=i))
   for i in range(3):
     save(tmp_path / f'b{i}.nii', ct_volume(seed=i))
-  config = config_for('nifti', tmp_path)
+  config = ff.data_config(tmp_path, 'nifti')
   first = nifti.make_source(config, 'train')
   line = auto_lines(capsys.readouterr().err)
   intensity._RESOLVED.clear()
@@ -168,7 +159,7 @@ def test_line_is_printed_once_per_source(tmp_path, capsys):
   for split in ('train', 'val', 'test'):
     for i in range(2):
       save(tmp_path / split / f'{split}{i}.nii.gz', ct_volume(seed=i))
-  config = config_for('nifti', tmp_path)
+  config = ff.data_config(tmp_path, 'nifti')
   train = nifti.make_source(config, 'train')
   for i in range(len(train)):
     train[i]
@@ -184,14 +175,14 @@ def test_low_contrast_warning_fires_for_mri_mapped_with_ct(tmp_path, capsys):
   # MRI stored in [0, 1] (a common preprocessing): the HU window maps it to 0.5..0.5005.
   for i in range(3):
     save(tmp_path / f'mr{i}.nii.gz', t1_volume(seed=i) / 1500)
-  nifti.make_source(config_for('nifti', tmp_path, intensity='ct'), 'train')
-  nifti.make_source(config_for('nifti', tmp_path, intensity='ct'), 'train')
+  nifti.make_source(ff.data_config(tmp_path, 'nifti', intensity='ct'), 'train')
+  nifti.make_source(ff.data_config(tmp_path, 'nifti', intensity='ct'), 'train')
   err = capsys.readouterr().err
   [warning] = warnings_in(err)  # once, though built twice
   assert not auto_lines(err)  # an explicit policy is not announced
   assert "data.intensity='ct'" in warning and 'NIfTI train' in warning
   assert "Set data.intensity='mri'" in warning and 'data.ct_window' in warning
-  nifti.make_source(config_for('nifti', tmp_path), 'train')  # auto: mri, plenty of contrast
+  nifti.make_source(ff.data_config(tmp_path, 'nifti'), 'train')  # auto: mri, plenty of contrast
   err = capsys.readouterr().err
   assert 'MRI percentile scaling' in auto_lines(err)[0] and not warnings_in(err)
 
@@ -202,7 +193,7 @@ def test_a_bad_first_scan_is_passed_over_and_still_named_when_read(tmp_path, cap
   save(tmp_path / 'a.nii', bad)
   for i in range(3):
     save(tmp_path / f'b{i}.nii', t1_volume(seed=i))
-  source = nifti.make_source(config_for('nifti', tmp_path), 'train')
+  source = nifti.make_source(ff.data_config(tmp_path, 'nifti'), 'train')
   assert 'MRI percentile scaling' in auto_lines(capsys.readouterr().err)[0]
   with pytest.raises(DataError, match='a.nii: 1 voxels are NaN'):
     source[0]
@@ -220,20 +211,20 @@ def test_dicom_modality_decides_and_mixed_sources_are_warned(tmp_path, capsys):
   ff.write_dicom_series(tmp_path / 'ct' / 'p1', data)
   ff.write_dicom_series(tmp_path / 'mr' / 'p1', data)
   _set_modality(tmp_path / 'mr' / 'p1', 'MR')
-  assert dicom.make_source(config_for('dicom', tmp_path / 'ct'), 'train') is not None
+  assert dicom.make_source(ff.data_config(tmp_path / 'ct', 'dicom'), 'train') is not None
   [line] = auto_lines(capsys.readouterr().err)
   assert line.startswith('data.intensity=auto: CT window') and 'DICOM Modality CT' in line
-  dicom.make_source(config_for('dicom', tmp_path / 'mr'), 'train')
+  dicom.make_source(ff.data_config(tmp_path / 'mr', 'dicom'), 'train')
   [line] = auto_lines(capsys.readouterr().err)
   assert line.startswith('data.intensity=auto: MRI percentile') and 'DICOM Modality MR' in line
   # Any other named modality is not HU either, whatever the voxels look like.
   ff.write_dicom_series(tmp_path / 'pt' / 'p1', data)
   _set_modality(tmp_path / 'pt' / 'p1', 'PT')
-  dicom.make_source(config_for('dicom', tmp_path / 'pt'), 'train')
+  dicom.make_source(ff.data_config(tmp_path / 'pt', 'dicom'), 'train')
   [line] = auto_lines(capsys.readouterr().err)
   assert line.startswith('data.intensity=auto: MRI percentile') and 'DICOM Modality PT' in line
   ff.write_dicom_series(tmp_path / 'mr' / 'p2', data, seed=1)
-  dicom.make_source(config_for('dicom', tmp_path / 'mr'), 'train')
+  dicom.make_source(ff.data_config(tmp_path / 'mr', 'dicom'), 'train')
   [warning] = [x for x in capsys.readouterr().err.splitlines() if 'mix' in x]
   assert '1 CT and 1 MR series' in warning and 'data.intensity' in warning
 
@@ -241,7 +232,7 @@ def test_dicom_modality_decides_and_mixed_sources_are_warned(tmp_path, capsys):
 def test_formats_without_units_use_minmax_unless_hu_like(tmp_path, capsys):
   sixteen = np.random.default_rng(1).integers(0, 4000, size=(4, 8, 8)).astype(np.uint16)
   ff.write_png_folder(tmp_path / 'png' / 's', sixteen)
-  scan = png_folder.make_source(config_for('png', tmp_path / 'png'), 'train')[0]
+  scan = png_folder.make_source(ff.data_config(tmp_path / 'png', 'png'), 'train')[0]
   expected = (sixteen - sixteen.min()) / float(sixteen.max() - sixteen.min())
   np.testing.assert_allclose(scan.volume, expected, atol=1e-6)
   assert 'min-max scaling' in auto_lines(capsys.readouterr().err)[0]
@@ -251,12 +242,12 @@ def test_formats_without_units_use_minmax_unless_hu_like(tmp_path, capsys):
 
   unit = np.random.default_rng(0).random((3, 4, 8, 8)).astype(np.float32)
   write_npz(tmp_path / 'unit.npz', unit)
-  npz.make_source(config_for('npz', tmp_path / 'unit.npz'), 'train')
+  npz.make_source(ff.data_config(tmp_path / 'unit.npz', 'npz'), 'train')
   assert 'min-max scaling' in auto_lines(capsys.readouterr().err)[0]
   hu = np.stack([ct_volume(shape=(4, 16, 16), seed=i) for i in range(3)]).astype(np.float32)
   write_npz(tmp_path / 'hu.npz', hu)
-  npz.make_source(config_for('npz', tmp_path / 'hu.npz'), 'train')
+  npz.make_source(ff.data_config(tmp_path / 'hu.npz', 'npz'), 'train')
   assert 'CT window' in auto_lines(capsys.readouterr().err)[0]
   write_npz(tmp_path / 'u8.npz', (unit * 255).astype(np.uint8))
-  npz.make_source(config_for('npz', tmp_path / 'u8.npz'), 'train')
+  npz.make_source(ff.data_config(tmp_path / 'u8.npz', 'npz'), 'train')
   assert '8-bit images, scaled by 1/255' in auto_lines(capsys.readouterr().err)[0]
