@@ -66,6 +66,12 @@ def get_config(arg=None):
   # data_pipelines.prepare resamples every scan to this (slice, row, column) spacing in mm, by
   # linear interpolation (masks: nearest); () keeps each scan's own spacing.
   c.data.target_spacing = ()
+  # 3D methods (rotation3d, segment3d, linear3d): each example is a cube of volume_size voxels
+  # per side, cut from the scan after resampling it to voxel_mm (isotropic, mm; 0 = keep the scan's
+  # own voxels), randomly placed in training and centred in evaluation, zero-padded where the scan
+  # is smaller (docs/data.md, "Volumes").
+  c.data.volume_size = 32
+  c.data.voxel_mm = 0.0
   c.data.val_fraction = 0.15  # split of sources without their own splits, by scan.
   c.data.test_fraction = 0.15
   c.data.phantom = ml_collections.ConfigDict()
@@ -92,14 +98,29 @@ def get_config(arg=None):
   c.augment.blur_prob = 0.5
   c.augment.blur_sigma = (0.1, 2.0)
 
+  # 3D methods, on the device (dsset.augment3d): flips per axis, right-angle turns in each plane,
+  # then intensity * scale + shift. rotation3d turns off the geometric part (its pretext is the
+  # orientation); segment3d trains without augmentation unless asked, as the 2D downstream runs.
+  c.augment3d = ml_collections.ConfigDict()
+  c.augment3d.flip_prob = 0.5
+  c.augment3d.rotate90 = True
+  c.augment3d.intensity_scale = (0.9, 1.1)
+  c.augment3d.intensity_shift = (-0.1, 0.1)
+
   c.model = ml_collections.ConfigDict()
-  c.model.backbone = 'resnet18'  # 'resnet10' (quick) | 'resnet18' | 'resnet50'
+  # 2D: 'resnet10' (quick) | 'resnet18' | 'resnet50'; 3D methods: 'unet3d' (the down path of a 3D
+  # U-Net, model.unet3d below).
+  c.model.backbone = 'resnet18'
   c.model.small_stem = False  # 3x3/1 stem without max-pool, for 28-64 px inputs.
   c.model.width_multiplier = 1.0
   c.model.pooling = 'sum'  # set pooling: 'sum' | 'mean'
   c.model.rho = False  # Deep Set rho MLP after pooling.
   c.model.head_hidden = 2048
   c.model.head_out = 128
+  c.model.unet3d = ml_collections.ConfigDict()
+  c.model.unet3d.filters = (16, 32, 64, 128)  # [conv3^3-BN-ReLU] x 2 per level, max-pool 2^3 between
+  c.model.unet3d.bottleneck = 256  # filters of the deepest level (no pool after it)
+  c.model.unet3d.dropout = 0.0  # dropout after each level's convs (0 = off)
   c.model.dtype = 'auto'  # compute dtype: 'auto' (float32 on CPU, bfloat16 on GPU/TPU) | 'float32' | 'bfloat16'
   c.model.cpu_fast_path = 'auto'  # CPU-only op rewrites: 'auto' (on when the backend is CPU) | 'on' | 'off'
 

@@ -86,6 +86,13 @@ def _numbers() -> tuple[Callable[[Any], bool], str]:
   return ok, 'a non-empty list of numbers >= 0'
 
 
+def _positive_ints() -> tuple[Callable[[Any], bool], str]:
+  def ok(v):
+    return (isinstance(v, (tuple, list)) and len(v) > 0 and
+            all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v))
+  return ok, 'a non-empty list of integers > 0'
+
+
 def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
   """A check for every key of configs/base.py (a test keeps the two in step)."""
   # Imported here so that validating a config does not import the model or data stacks.
@@ -121,6 +128,8 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'data.decoded_cache_scans': _int_at_least(0),
       'data.default_spacing': _spacing(allow_empty=False),
       'data.target_spacing': _spacing(allow_empty=True),
+      'data.volume_size': _int_at_least(8),
+      'data.voxel_mm': _non_negative(),
       'data.val_fraction': _probability(),
       'data.test_fraction': _probability(),
       'data.phantom.num_scans': _positive_int(),
@@ -138,6 +147,10 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'augment.jitter_prob': _probability(),
       'augment.blur_prob': _probability(),
       'augment.blur_sigma': _range(1e-6, 1e3),
+      'augment3d.flip_prob': _probability(),
+      'augment3d.rotate90': _bool(),
+      'augment3d.intensity_scale': _range(0.0, 1e3),
+      'augment3d.intensity_shift': _range(-1e3, 1e3),
       'model.backbone': _one_of(*sorted(BACKBONES)),
       'model.small_stem': _bool(),
       'model.width_multiplier': _positive(),
@@ -145,6 +158,10 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'model.rho': _bool(),
       'model.head_hidden': _positive_int(),
       'model.head_out': _positive_int(),
+      'model.unet3d.filters': _positive_ints(),
+      'model.unet3d.bottleneck': _positive_int(),
+      'model.unet3d.dropout': ((lambda v: isinstance(v, (int, float)) and 0 <= v < 1),
+                               'a number in [0, 1)'),
       'model.dtype': _one_of('auto', 'float32', 'bfloat16'),
       'model.cpu_fast_path': _one_of('auto', 'on', 'off'),
       'loss.temperature': _positive(),
