@@ -2,6 +2,7 @@
 
     python benchmarks/torch_reference.py --workload simclr dsset encode [--backbone resnet18]
         [--image-size 64]
+    python benchmarks/torch_reference.py --workload unet3d [--image-size 32]
 
 Needs torch (the `torch` extra); exits with a message if it is missing. Model FLOPs are counted by
 torch.utils.flop_counter (convolutions and matmuls, padding taps included), so MFU is comparable
@@ -16,7 +17,7 @@ if __package__ in (None, ''):  # run as a script from a checkout: make `benchmar
 
 import argparse  # noqa: E402
 
-from benchmarks import timing  # noqa: E402
+from benchmarks import conv3d_layers, timing  # noqa: E402
 
 try:
   import torch  # noqa: E402
@@ -104,7 +105,51 @@ def nt_xent(z_a, z_b, temperature):
   return F.cross_entropy(logits, targets)
 
 
+def unet3d_encoder(filters=conv3d_layers.UNET3D_FILTERS,
+                   bottleneck=conv3d_layers.UNET3D_BOTTLENECK) -> 'nn.Module':
+  """dsset.models.UNet3DEncoder in PyTorch: [Conv3d 3^3 - BN - ReLU] x 2 per level, max-pool 2^3
+  between levels, global average pool of the bottleneck."""
+  layers, cin = [], 1
+  for level, width in enumerate((*filters, bottleneck)):
+    for _ in range(2):
+      layers += [nn.Conv3d(cin, width, 3, 1, 1, bias=False), nn.BatchNorm3d(width), nn.ReLU()]
+      cin = width
+    if level < len(filters):
+      layers.append(nn.MaxPool3d(2))
+  layers += [nn.AdaptiveAvgPool3d(1), nn.Flatten()]
+  return nn.Sequential(*layers)
+
+
+def pretext_head(width, hidden=(2048, 1024), dropout=0.5):
+  """dsset.models.PretextHead: [Linear - ReLU - BatchNorm - Dropout] per hidden width."""
+  layers = []
+  for out in hidden:
+    layers += [nn.Linear(width, out), nn.ReLU(), nn.BatchNorm1d(out), nn.Dropout(dropout)]
+    width = out
+  return nn.Sequential(*layers)
+
+
+def _unet3d_workload(side, scale, filters=None, bottleneck=None):
+  torch.manual_seed(0)
+  volumes = conv3d_layers.volumes_per_step(scale)
+  bottleneck = bottleneck or conv3d_layers.UNET3D_BOTTLENECK
+  model = nn.Sequential(unet3d_encoder(tuple(filters or conv3d_layers.UNET3D_FILTERS), bottleneck),
+                        pretext_head(bottleneck), nn.Linear(1024, conv3d_layers.UNET3D_CLASSES))
+  model.train()
+  inputs = torch.rand(volumes, 1, side, side, side)
+  labels = torch.randint(0, conv3d_layers.UNET3D_CLASSES, (volumes,))
+  optimizer = torch.optim.Adam(model.parameters(), lr=conv3d_layers.UNET3D_LEARNING_RATE)
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(inputs), labels).backward()
+    optimizer.step()
+  return step
+
+
 def _workload(name, backbone, image_size, scale):
+  if name == 'unet3d':
+    return _unet3d_workload(image_size, scale)
   torch.manual_seed(0)
   images = timing.images_per_step(name, scale)
   encoder = resnet(backbone)
@@ -148,13 +193,20 @@ def matmul_peak() -> float:
 
 
 def run(name: str, backbone: str = 'resnet18', image_size: int = 64, warmup: int = 3,
-        steps: int = 15, scale: int = 1, peak_flops: float | None = None) -> dict:
-  """Benchmarks one workload and returns its JSON record."""
-  step = _workload(name, backbone, image_size, scale)
+        steps: int = 15, scale: int = 1, peak_flops: float | None = None,
+        unet3d_filters=None, unet3d_bottleneck=None) -> dict:
+  """Benchmarks one workload and returns its JSON record (unet3d: image_size is the side)."""
+  if name == 'unet3d':
+    backbone = 'unet3d'
+    step = _unet3d_workload(image_size, scale, unet3d_filters, unet3d_bottleneck)
+  else:
+    step = _workload(name, backbone, image_size, scale)
   model_flops = _model_flops(step)  # also the first warm-up step.
   step_times = timing.step_seconds(step, warmup, steps)
   return timing.record(
-      'torch', name, step_times, timing.images_per_step(name, scale), model_flops,
+      'torch', name, step_times,
+      conv3d_layers.volumes_per_step(scale) if name == 'unet3d'
+      else timing.images_per_step(name, scale), model_flops,
       peak_flops if peak_flops is not None else matmul_peak(), compile_s=0.0, backend='cpu',
       device_count=1, torch_version=torch.__version__, threads=torch.get_num_threads(),
       backbone=backbone, image_size=image_size)
@@ -164,16 +216,18 @@ def main(argv=None) -> None:
   if torch is None:
     sys.exit('benchmarks/torch_reference.py needs torch: pip install torch (CPU build).')
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--workload', nargs='+', choices=timing.WORKLOADS,
+  parser.add_argument('--workload', nargs='+', choices=(*timing.WORKLOADS, 'unet3d'),
                       default=list(timing.WORKLOADS))
   parser.add_argument('--backbone', choices=('resnet18', 'resnet50'), default='resnet18')
-  parser.add_argument('--image-size', type=int, default=64)
+  parser.add_argument('--image-size', type=int, default=None,
+                      help='image side (default 64); for unet3d the volume side (default 32)')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--steps', type=int, default=15)
   args = parser.parse_args(argv)
   peak = matmul_peak()
   for name in args.workload:
-    timing.emit(run(name, args.backbone, args.image_size, args.warmup, args.steps,
+    size = args.image_size or (conv3d_layers.UNET3D_SIDE if name == 'unet3d' else 64)
+    timing.emit(run(name, args.backbone, size, args.warmup, args.steps,
                     peak_flops=peak))
 
 

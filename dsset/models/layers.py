@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dsset.ops import cpu_batch_norm, cpu_conv, cpu_pool
+from dsset.ops import cpu_batch_norm, cpu_conv, cpu_conv3d, cpu_pool
 
 # torchvision initialises ResNet convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -38,7 +38,8 @@ class Conv(nn.Module):
     dtype: compute dtype; inputs and kernel are cast to it.
     param_dtype: storage dtype of the parameters.
     fast: compute 2D convs whose output map is smaller than the kernel as one matmul
-      (dsset.ops.cpu_conv).
+      (dsset.ops.cpu_conv), and every 3D conv through dsset.ops.cpu_conv3d (XLA:CPU's own 3D
+      convolution is several times slower than its 2D one).
   """
   features: int
   kernel_size: Sequence[int]
@@ -60,11 +61,48 @@ class Conv(nn.Module):
     if self.fast and rank == 2 and cpu_conv.output_smaller_than_kernel(
         x.shape[1:3], self.kernel_size, strides, padding):
       y = cpu_conv.conv_as_matmul(x, kernel, strides, padding)
+    elif self.fast and rank == 3:
+      y = cpu_conv3d.conv3d(x, kernel, strides, padding)
     else:
       spatial = 'DHW'[-rank:]
       y = jax.lax.conv_general_dilated(
           x, kernel, window_strides=strides, padding=padding,
           dimension_numbers=(f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'))
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class ConvTranspose(nn.Module):
+  """Transposed convolution with window == strides (U-Net upsampling), channels last.
+
+  Same parameters as flax.linen.ConvTranspose(features, kernel_size, strides=kernel_size): a
+  'kernel' [*window, in, out] (lecun_normal) and a 'bias' [out] (zeros), and the same class name, so
+  Flax names it ConvTranspose_<i> as it would nn.ConvTranspose and the variables move between the
+  two. `fast` computes it as one matmul plus a reshuffle (dsset.ops.cpu_conv3d), which is exact
+  because the windows do not overlap.
+  """
+  features: int
+  kernel_size: Sequence[int]
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  fast: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    window = tuple(self.kernel_size)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (*window, x.shape[-1], self.features), self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.fast:
+      y = cpu_conv3d.conv_transpose_as_matmul(x, kernel)
+    else:
+      spatial = 'DHW'[-len(window):]
+      # flax.linen.ConvTranspose's computation (padding 'SAME' is exact for window == stride).
+      y = jax.lax.conv_transpose(x, kernel, window, 'SAME',
+                                 dimension_numbers=(f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'))
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
@@ -148,6 +186,10 @@ class Layers:
     return Conv(features, kernel_size, strides, padding, use_bias, dtype=self.dtype,
                 fast=self.cpu_fast_path)
 
+  def conv_transpose(self, features: int, window: Sequence[int]) -> ConvTranspose:
+    """Transposed conv with stride == window and a bias (the 3D U-Net decoder's 2^3 upsampling)."""
+    return ConvTranspose(features, tuple(window), dtype=self.dtype, fast=self.cpu_fast_path)
+
   def norm(self, train: bool) -> nn.Module:
     """BatchNorm with torchvision's settings; the fast path computes its statistics with dots."""
     norm = BatchNorm if self.cpu_fast_path else nn.BatchNorm
@@ -157,7 +199,8 @@ class Layers:
 
   def max_pool(self, x: jax.Array, window: Sequence[int], strides: Sequence[int],
                padding: Padding) -> jax.Array:
-    """Max-pool over the spatial axes of channels-last `x`; padded positions never win (-inf).
+    """Max-pool over the spatial axes of channels-last `x` (NHWC or NDHWC); padded positions never
+    win (-inf).
 
     The fast path keeps this forward but computes the gradient with masks (dsset.ops.cpu_pool).
     """
