@@ -40,3 +40,59 @@ def nt_xent(z_a: jax.Array, z_b: jax.Array, temperature: float,
     positives = (both[:, None] == both[None, :]) & ~is_self
   per_row = -jnp.sum(jnp.where(positives, log_prob, 0.0), axis=-1) / jnp.sum(positives, axis=-1)
   return jnp.mean(per_row)
+
+
+def sinkhorn(scores: jax.Array, epsilon: float, iterations: int) -> jax.Array:
+  """SwAV's Sinkhorn-Knopp codes of a batch of prototype scores.
+
+  Alternately rescales exp(scores / epsilon) so that every prototype gets an equal share of the
+  batch (rows of the K x B transport plan sum to 1/K) and every sample a share of 1/B; the result is
+  returned per sample, so each row sums to 1 and each column to about B/K. Written over the whole
+  array: under jit with a batch-sharded input the sums span every device, as SwAV's all_reduce does.
+
+  Args:
+    scores: prototype scores [B, K] (cosine similarities).
+    epsilon: entropic regularisation (SwAV: 0.05).
+    iterations: Sinkhorn iterations (SwAV: 3).
+
+  Returns:
+    Soft codes [B, K] in float32 (or wider).
+  """
+  dtype = jnp.promote_types(scores.dtype, jnp.float32)
+  logits = scores.astype(dtype) / epsilon
+  # exp(20) is fine in float32 but lower temperatures overflow; the global shift cancels out in
+  # the first normalisation.
+  plan = jnp.exp(logits - jnp.max(logits)).T
+  plan = plan / jnp.sum(plan)
+  num_prototypes, batch = plan.shape
+  for _ in range(iterations):
+    plan = plan / jnp.sum(plan, axis=1, keepdims=True) / num_prototypes
+    plan = plan / jnp.sum(plan, axis=0, keepdims=True) / batch
+  return (plan * batch).T
+
+
+def swapped_prediction(scores_a: jax.Array, scores_b: jax.Array, codes_a: jax.Array,
+                       codes_b: jax.Array, temperature: float) -> jax.Array:
+  """SwAV's loss: each view's scores predict the other view's codes (cross-entropy of the softmax
+  of scores / temperature against the soft codes), averaged over both directions and the batch.
+
+  Args:
+    scores_a, scores_b: prototype scores of the two views [B, K].
+    codes_a, codes_b: their codes [B, K] (rows sum to 1; treated as constants).
+    temperature: softmax temperature (SwAV: 0.1).
+  """
+  dtype = jnp.promote_types(jnp.result_type(scores_a, scores_b), jnp.float32)
+  log_p_a = jax.nn.log_softmax(scores_a.astype(dtype) / temperature, axis=-1)
+  log_p_b = jax.nn.log_softmax(scores_b.astype(dtype) / temperature, axis=-1)
+  codes_a, codes_b = jax.lax.stop_gradient(codes_a), jax.lax.stop_gradient(codes_b)
+  a_from_b = -jnp.mean(jnp.sum(codes_b * log_p_a, axis=-1))
+  b_from_a = -jnp.mean(jnp.sum(codes_a * log_p_b, axis=-1))
+  return 0.5 * (a_from_b + b_from_a)
+
+
+def cluster_cross_entropy(scores: jax.Array, targets: jax.Array, temperature: float) -> jax.Array:
+  """DeepCluster-v2's loss: mean cross-entropy of softmax(scores / temperature) [B, K] against
+  integer cluster targets [B]."""
+  dtype = jnp.promote_types(scores.dtype, jnp.float32)
+  log_p = jax.nn.log_softmax(scores.astype(dtype) / temperature, axis=-1)
+  return -jnp.mean(jnp.take_along_axis(log_p, targets[:, None], axis=-1))

@@ -3,7 +3,8 @@
 Pretraining and downstream heads (linear probe, fine-tuning, segmentation) run through it alike; the
 method (dsset.methods) supplies the batches, variables, loss and what happens at the end (an encoder
 export, or eval.json). The state is a plain dict pytree (params, batch_stats, opt_state, the online
-probe's params and optimiser state, step, rng, count of skipped non-finite steps). It is created
+probe's params and optimiser state, step, rng, count of skipped non-finite steps, and the
+method's own untrained state when it keeps one: Method.init_method_state). It is created
 already replicated on the device mesh from abstract shapes, donated to the jitted step, and saved
 whole with the data iterator's position, so a second run on the same workdir continues with the
 next batch.
@@ -104,7 +105,11 @@ class Trainer:
     variables = self.method.init(model_rng)
     probe_params = self.probe.init(
         probe_rng, jnp.zeros((1, max(self.method.monitor_dim, 1))))['params']
+    method_state = self.method.init_method_state(variables)
+    # Only methods with state get the key: the others' checkpoints keep their exact layout.
+    extra = {'method_state': method_state} if method_state else {}
     return {
+        **extra,
         'step': jnp.zeros((), jnp.int32),
         'params': variables['params'],
         'batch_stats': variables.get('batch_stats', {}),
@@ -140,33 +145,44 @@ class Trainer:
     any_vote = jnp.any(votes) if votes is not None else jnp.zeros((), bool)
     replaced = batch.pop(REPLACED, None)
     rng = jax.random.fold_in(state['rng'], state['step'])
+    method_state = state.get('method_state', {})
+    # The hook's key is derived apart from the loss's, which stays what it always was.
+    start_params, method_state = self.method.before_step(
+        state['params'], method_state, state['step'], jax.random.fold_in(rng, 0x6d657468), phase)
 
     def loss_fn(params):
-      return self.method.loss(params, state['batch_stats'], batch, rng, phase)
+      return self.method.loss_with_state(params, state['batch_stats'], method_state, batch, rng,
+                                         phase)
 
-    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(start_params)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    updates, opt_state = self.tx.update(grads, state['opt_state'], start_params)
+    params = optax.apply_updates(start_params, updates)
     for path in self.method.frozen_paths(phase):
       # Decoupled weight decay would still move parameters whose gradient is zero.
       params = checkpointing.replace_subtree(params, path,
-                                             checkpointing.subtree(state['params'], path))
+                                             checkpointing.subtree(start_params, path))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step is never applied. In 'stop' mode the state also freezes after the first
     # one, so whatever the host saves later is the last good state.
     apply = finite
     if self.config.train.on_nonfinite == 'stop':
       apply = apply & (state['nonfinite_steps'] == 0)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+    keep = lambda new, old, ok=apply: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    # A method may hold the update back (StepOutput.apply_update) without the step counting as
+    # non-finite; what before_step set up is kept then.
+    update = apply if out.apply_update is None else apply & out.apply_update
     new_state = dict(state)
     new_state.update(
         step=state['step'] + 1,
-        params=keep(params, state['params']),
+        params=keep(params, keep(start_params, state['params']), update),
         batch_stats=keep(out.batch_stats, state['batch_stats']),
-        opt_state=keep(opt_state, state['opt_state']),
+        opt_state=keep(opt_state, state['opt_state'], update),
         nonfinite_steps=state['nonfinite_steps'] + (~finite).astype(jnp.int32),
     )
+    if 'method_state' in state:
+      new_method_state = method_state if out.method_state is None else out.method_state
+      new_state['method_state'] = keep(new_method_state, state['method_state'])
     metrics = dict(out.metrics, loss=loss, grad_norm=grad_norm,
                    param_norm=optax.global_norm(state['params']),
                    learning_rate=self.schedule(state['step']),

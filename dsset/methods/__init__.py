@@ -8,16 +8,21 @@ package and add it here (tests may add their own entries to METHODS).
 from dsset.config_validation import ConfigError
 from dsset.methods.base import Method, StepOutput
 from dsset.methods.contrastive import DeepSetMethod, PerScanMethod, SimclrMethod
+from dsset.methods.deepcluster import DeepClusterMethod
 from dsset.methods.finetune import FinetuneMethod
 from dsset.methods.knn import KnnMethod
 from dsset.methods.linear_probe import LinearProbeMethod
 from dsset.methods.segment import SegmentMethod
+from dsset.methods.swav import SwavMethod
 
 METHODS: dict[str, type[Method]] = {
     # Pretraining (Torpey & Klein): which views are contrasted.
     'simclr': SimclrMethod,
     'perscan': PerScanMethod,
     'deepset': DeepSetMethod,
+    # Clustering on slices (the 2D part of Nguyen et al.'s intra-inter clustering).
+    'swav': SwavMethod,
+    'deepcluster_v2': DeepClusterMethod,
     # Downstream evaluation of an encoder (config key init_from, or random init).
     'linear': LinearProbeMethod,
     'knn': KnnMethod,

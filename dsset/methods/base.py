@@ -33,6 +33,12 @@ class StepOutput(NamedTuple):
   # (config monitor.*); None when the method has nothing to monitor.
   monitor_features: jax.Array | None = None
   monitor_labels: jax.Array | None = None
+  # The method's new non-trained state (Method.init_method_state); None leaves it as it was.
+  method_state: Any = None
+  # A traced bool: False makes the loop keep params and optimiser state as they were this step
+  # (batch_stats and method_state still move), e.g. while a memory bank is first filled. None: the
+  # update is applied. A runtime gate rather than a phase, so it costs no second compilation.
+  apply_update: jax.Array | None = None
 
 
 class Method:
@@ -89,6 +95,33 @@ class Method:
            phase: Hashable) -> tuple[jax.Array, StepOutput]:
     """The scalar loss of one global batch in train mode, and the StepOutput."""
     raise NotImplementedError
+
+  def init_method_state(self, variables: dict) -> dict:
+    """Non-trained state the method carries across steps (a queue, a memory bank, cluster
+    assignments), as a dict of arrays; {} for none. Called after make_train_iterator (so sizes
+    that depend on the data are known). It lives in the loop state under 'method_state',
+    replicated on the mesh, is saved and restored with the checkpoint, and reaches the method
+    through before_step and loss_with_state; the new value comes back in StepOutput.method_state.
+    Methods without state add nothing to the loop state, so their checkpoints do not change.
+    """
+    del variables
+    return {}
+
+  def before_step(self, params, method_state: dict, step: jax.Array, rng: jax.Array,
+                  phase: Hashable) -> tuple[Any, dict]:
+    """Runs inside the jitted step before the loss: returns the (params, method_state) the loss
+    and the update start from. step: steps done so far (traced int). rng: a key of its own (not
+    the loss's). For changes the gradient must not see, e.g. re-normalising SwAV's prototypes, or
+    setting DeepCluster-v2's prototypes from k-means at an epoch start (under lax.cond). Default:
+    unchanged."""
+    del step, rng, phase
+    return params, method_state
+
+  def loss_with_state(self, params, batch_stats, method_state: dict, batch: dict, rng: jax.Array,
+                      phase: Hashable) -> tuple[jax.Array, StepOutput]:
+    """The loss for a method with state (what the loop calls). Default: the stateless loss."""
+    del method_state
+    return self.loss(params, batch_stats, batch, rng, phase)
 
   def phase(self, step: int) -> Hashable:
     """A static value the step is compiled for (one compile per distinct value), e.g. whether

@@ -1,0 +1,54 @@
+"""SwAV on slices: online clustering by swapped prediction of Sinkhorn codes (python -m dsset.main
+--config=configs/swav.py[:paper|:compare|:tiny] --workdir=DIR; dsset.methods.swav).
+
+Keys this method reads: those of simclr.py except loss.*, and
+  swav.num_prototypes           K, prototypes (a bias-free linear layer on the unit projection).
+  swav.temperature              softmax temperature of the swapped prediction (SwAV: 0.1).
+  swav.epsilon                  Sinkhorn-Knopp entropic regularisation (SwAV: 0.05).
+  swav.sinkhorn_iterations      Sinkhorn-Knopp iterations (SwAV: 3).
+  swav.freeze_prototypes_steps  the prototypes' updates are discarded for this many first steps.
+  swav.queue_length             projections of past examples (per view) that join the batch in
+                                Sinkhorn once the queue is full; 0 = no queue. Matters for small
+                                batches: codes over 32 examples and 3000 prototypes are nearly flat.
+Variants:
+  ''       3000 prototypes, a queue of 1024, prototypes frozen for the 30 warm-up steps.
+  paper    the VISSL/SwAV ImageNet recipe as far as this project goes: ResNet-50, 3000 prototypes,
+           LARS with 0.3 per 256 examples (batch 256, so 0.3), weight decay 1e-6, queue 3840,
+           prototypes frozen 313 steps, two 224 px views (grey slices resized to 224; multi-crop's
+           small views are not implemented). Set train.num_steps to epochs * train slices / 256.
+  compare  the shared comparison settings (configs/base.py compare_settings) with a queue of 1024.
+  tiny     16 prototypes and a queue of 16, for tests.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg=None):
+  config = base.get_config(arg)
+  config.method = 'swav'
+  config.data.set_size = 1
+  config.swav = ml_collections.ConfigDict()
+  s = config.swav
+  s.num_prototypes = 3000
+  s.temperature = 0.1
+  s.epsilon = 0.05
+  s.sinkhorn_iterations = 3
+  s.freeze_prototypes_steps = int(config.train.warmup_steps)
+  s.queue_length = 1024
+  if arg == 'paper':
+    config.data.image_size = 224
+    config.train.batch_size = 256
+    config.train.optimizer = 'lars'
+    config.train.learning_rate = 0.3
+    config.train.weight_decay = 1e-6
+    config.train.num_steps = 1000
+    config.train.warmup_steps = 100
+    s.queue_length = 3840
+    s.freeze_prototypes_steps = 313
+  elif arg == 'tiny':
+    s.num_prototypes = 16
+    s.queue_length = 16
+    s.freeze_prototypes_steps = 0
+  return config
