@@ -121,6 +121,10 @@ def get_config(arg=None):
   c.model.unet3d.filters = (16, 32, 64, 128)  # [conv3^3-BN-ReLU] x 2 per level, max-pool 2^3 between
   c.model.unet3d.bottleneck = 256  # filters of the deepest level (no pool after it)
   c.model.unet3d.dropout = 0.0  # dropout after each level's convs (0 = off)
+  # The 3D proxy tasks' pretext head on the pooled bottleneck (Taleb et al.): Dense-ReLU-BN-Dropout
+  # per width.
+  c.model.pretext_hidden = (2048, 1024)
+  c.model.pretext_dropout = 0.5
   c.model.dtype = 'auto'  # compute dtype: 'auto' (float32 on CPU, bfloat16 on GPU/TPU) | 'float32' | 'bfloat16'
   c.model.cpu_fast_path = 'auto'  # CPU-only op rewrites: 'auto' (on when the backend is CPU) | 'on' | 'off'
 
@@ -263,3 +267,13 @@ def tiny_settings(c) -> None:
   c.train.warmup_steps = 1
   c.train.log_every_steps = 1
   c.evaluate.batch_size = 32
+
+
+def tiny_3d_settings(c) -> None:
+  """tiny_settings for the 3D methods: a two-level encoder on 16^3 cubes (tests, smoke runs)."""
+  c.data.volume_size = 16
+  c.model.unet3d.filters = (4, 8)
+  c.model.unet3d.bottleneck = 16
+  c.model.pretext_hidden = (32, 16)
+  c.train.batch_size = 8
+  c.evaluate.batch_size = 4

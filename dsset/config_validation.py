@@ -101,6 +101,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
   from data_pipelines.sources import SOURCES
   from dsset.evaluate.features import LEVELS, SCAN_FEATURES
   from dsset.models import BACKBONES
+  from dsset.models.unet3d import BACKBONE as UNET3D
   from dsset.optim import OPTIMIZERS
   return {
       'seed': _int_at_least(0),
@@ -151,7 +152,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'augment3d.rotate90': _bool(),
       'augment3d.intensity_scale': _range(0.0, 1e3),
       'augment3d.intensity_shift': _range(-1e3, 1e3),
-      'model.backbone': _one_of(*sorted(BACKBONES)),
+      'model.backbone': _one_of(*sorted(BACKBONES), UNET3D),
       'model.small_stem': _bool(),
       'model.width_multiplier': _positive(),
       'model.pooling': _one_of('sum', 'mean'),
@@ -162,6 +163,9 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'model.unet3d.bottleneck': _positive_int(),
       'model.unet3d.dropout': ((lambda v: isinstance(v, (int, float)) and 0 <= v < 1),
                                'a number in [0, 1)'),
+      'model.pretext_hidden': _positive_ints(),
+      'model.pretext_dropout': ((lambda v: isinstance(v, (int, float)) and 0 <= v < 1),
+                                'a number in [0, 1)'),
       'model.dtype': _one_of('auto', 'float32', 'bfloat16'),
       'model.cpu_fast_path': _one_of('auto', 'on', 'off'),
       'loss.temperature': _positive(),

@@ -35,7 +35,7 @@ def embed(config, out: str) -> dict[str, np.ndarray]:
   if not config.init_from:
     raise ConfigError('no encoder to embed with: pass --workdir=<pretraining workdir>')
   train.enable_compilation_cache()
-  extractor = features.FeatureExtractor(config)
+  extractor = features.make_extractor(config)
   per_split = {split: features.extract_levels(config, extractor, split, labelled_only=False)
                for split in SPLITS}
   arrays = {}

@@ -88,6 +88,19 @@ STOP_VOTE = 'stop_vote'
 REPLACED = 'replaced'
 
 
+def initialisation_key(rng: jax.Array) -> jax.Array:
+  """An 'rbg' key seeded from rng, for drawing the initial weights.
+
+  XLA:CPU compiles the initialisers several times faster with it than with the default threefry
+  generator (measured on 2 cores: the tiny SimCLR init 18.6 s -> see docs/performance.md; the tiny
+  3D encoder 10 s -> 1.1 s), and the initial draw needs only a seeded, reproducible generator (the
+  same on one backend; CPU and GPU draws differ). Training randomness stays threefry: its bits do
+  not depend on how the batch is sharded.
+  """
+  seed = jax.random.randint(rng, (), 0, jnp.iinfo(jnp.int32).max)
+  return jax.random.key(seed, impl='rbg')
+
+
 class Trainer:
   """Builds the pure state and step functions of one method."""
 
@@ -102,7 +115,7 @@ class Trainer:
 
   def init_state(self, rng: jax.Array) -> dict[str, Any]:
     model_rng, probe_rng, state_rng = jax.random.split(rng, 3)
-    variables = self.method.init(model_rng)
+    variables = self.method.init(initialisation_key(model_rng))
     probe_params = self.probe.init(
         probe_rng, jnp.zeros((1, max(self.method.monitor_dim, 1))))['params']
     method_state = self.method.init_method_state(variables)

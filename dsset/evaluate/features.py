@@ -34,7 +34,7 @@ from dsset.config_validation import ConfigError
 # The pretraining method normalises inputs with these constants; the BatchNorm running statistics
 # of a pretrained encoder were collected on inputs scaled this way, so features must use the same.
 from dsset.methods.contrastive import INPUT_MEAN, INPUT_STD
-from dsset.models import SetEncoder, make_backbone
+from dsset.models import SetEncoder, make_backbone, unet3d
 
 LEVELS = ('slice', 'scan')
 SCAN_FEATURES = ('mean', 'set_encoder')
@@ -103,7 +103,7 @@ class FeatureExtractor:
       raise ConfigError(f'config key evaluate.scan_features={self.scan_features!r} is invalid: '
                         f'expected one of {SCAN_FEATURES}')
     self.model_config = encoder_model_config(config)
-    self.backbone = make_backbone(self.model_config)
+    self.backbone = self.make_encoder(self.model_config)
     self.batch_size = int(config.evaluate.batch_size)
     self.variables = self.initial_variables(config) if variables is None else variables
     self._apply = jax.jit(self._encode)
@@ -111,6 +111,14 @@ class FeatureExtractor:
       self.set_encoder = SetEncoder(encoder=None, pooling=self.model_config.pooling,
                                     rho=bool(self.model_config.rho))
       self.set_encoder_variables = self._set_encoder_variables(config)
+
+  def make_encoder(self, model_config):
+    return make_backbone(model_config)
+
+  def example_input(self, config) -> jax.Array:
+    """One zero input of the encoder, for its initialisation."""
+    size, channels = int(config.data.image_size), int(config.data.channels)
+    return jnp.zeros((1, size, size, channels))
 
   def _set_encoder_variables(self, config) -> dict:
     """The pretrained set encoder's own layers, or random ones drawn with config.seed."""
@@ -132,10 +140,8 @@ class FeatureExtractor:
 
   def initial_variables(self, config) -> dict:
     """The encoder of config.init_from, or a random one drawn with config.seed."""
-    size, channels = int(config.data.image_size), int(config.data.channels)
-
     def init(rng):
-      return self.backbone.init(rng, jnp.zeros((1, size, size, channels)), train=False)
+      return self.backbone.init(rng, self.example_input(config), train=False)
 
     # The 'rbg' generator compiles several times faster than threefry on a CPU (the random-init
     # baseline only needs a seeded draw from the model's initialisers, not pretraining's bits).
@@ -168,41 +174,59 @@ class FeatureExtractor:
       return np.zeros((0, self.num_features), np.float32)
     return np.concatenate(out)
 
+  def extract_levels(self, config, split: str, labelled_only: bool = True
+                     ) -> dict[str, SplitFeatures]:
+    """Features of `split` at both levels ({'slice': ..., 'scan': ...}) from one encoder pass.
 
-def extract_levels(config, extractor: FeatureExtractor, split: str,
+    labelled_only: leave out scans whose label is -1 (kept, with label -1, when False).
+    """
+    images, labels, scan_ids = [], [], []
+    for scan in pipeline.make_eval_dataset(config, split, 'scan'):
+      if labelled_only and scan['label'] < 0:
+        continue
+      images.append(scan['slices'])
+      labels.append(int(scan['label']))
+      scan_ids.append(int(scan['scan_id']))
+    if not images:
+      empty = SplitFeatures(np.zeros((0, self.num_features), np.float32),
+                            np.zeros(0, np.int32), np.zeros(0, np.int32))
+      return {level: empty for level in LEVELS}
+    slice_features = self(np.concatenate(images))
+    counts = np.asarray([len(slices) for slices in images])
+    owners = np.repeat(np.arange(len(images)), counts)
+    labels, scan_ids = np.asarray(labels, np.int32), np.asarray(scan_ids, np.int32)
+    scan_features = np.stack([self.pool_scan(f)
+                              for f in np.split(slice_features, np.cumsum(counts)[:-1])])
+    return {
+        'slice': SplitFeatures(slice_features, labels[owners], scan_ids[owners]),
+        'scan': SplitFeatures(scan_features, labels, scan_ids),
+    }
+
+
+def make_extractor(config, variables: dict | None = None):
+  """The feature extractor for the encoder under evaluation: FeatureExtractor for the 2D encoders,
+  dsset.evaluate.volume_features.VolumeFeatureExtractor for the 3D one."""
+  if encoder_model_config(config).backbone == unet3d.BACKBONE:
+    from dsset.evaluate.volume_features import VolumeFeatureExtractor  # it builds on this module
+    return VolumeFeatureExtractor(config, variables)
+  return FeatureExtractor(config, variables)
+
+
+def extract_levels(config, extractor, split: str,
                    labelled_only: bool = True) -> dict[str, SplitFeatures]:
-  """Features of `split` at both levels ({'slice': ..., 'scan': ...}) from one encoder pass.
-
-  labelled_only: leave out scans whose label is -1 (kept, with label -1, when False).
-  """
-  images, labels, scan_ids = [], [], []
-  for scan in pipeline.make_eval_dataset(config, split, 'scan'):
-    if labelled_only and scan['label'] < 0:
-      continue
-    images.append(scan['slices'])
-    labels.append(int(scan['label']))
-    scan_ids.append(int(scan['scan_id']))
-  if not images:
-    empty = SplitFeatures(np.zeros((0, extractor.num_features), np.float32),
-                          np.zeros(0, np.int32), np.zeros(0, np.int32))
-    return {level: empty for level in LEVELS}
-  slice_features = extractor(np.concatenate(images))
-  counts = np.asarray([len(slices) for slices in images])
-  owners = np.repeat(np.arange(len(images)), counts)
-  labels, scan_ids = np.asarray(labels, np.int32), np.asarray(scan_ids, np.int32)
-  scan_features = np.stack([extractor.pool_scan(f)
-                            for f in np.split(slice_features, np.cumsum(counts)[:-1])])
-  return {
-      'slice': SplitFeatures(slice_features, labels[owners], scan_ids[owners]),
-      'scan': SplitFeatures(scan_features, labels, scan_ids),
-  }
+  """Features of `split` at every level the extractor gives, from one encoder pass."""
+  return extractor.extract_levels(config, split, labelled_only)
 
 
-def extract_split(config, extractor: FeatureExtractor, split: str, level: str) -> SplitFeatures:
+def extract_split(config, extractor, split: str, level: str) -> SplitFeatures:
   """Features of the labelled examples of `split` at `level` ('slice' | 'scan')."""
   if level not in LEVELS:
     raise ConfigError(f'config key evaluate.level={level!r} is invalid: expected one of {LEVELS}')
-  return extract_levels(config, extractor, split)[level]
+  levels = extract_levels(config, extractor, split)
+  if level not in levels:
+    raise ConfigError(f'config key evaluate.level={level!r}: this encoder gives features at '
+                      f'{sorted(levels)} level only')
+  return levels[level]
 
 
 def stratified_scan_mask(labels: np.ndarray, scan_ids: np.ndarray, fraction: float,

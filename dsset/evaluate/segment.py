@@ -86,12 +86,13 @@ def read_split(config, split: str, keep_fraction: float = 1.0) -> tuple[np.ndarr
   return np.concatenate(images), np.concatenate(masks)
 
 
-def num_classes(config, train_masks: np.ndarray) -> int:
+def num_classes(config, largest: int) -> int:
+  """Classes of a segmentation run: evaluate.segment_num_classes, or the train masks' largest id
+  (`largest`) + 1 when that key is 0."""
   configured = int(config.evaluate.segment_num_classes)
   if configured < 0 or configured == 1:
     raise ConfigError(f'config key evaluate.segment_num_classes={configured} is invalid: expected '
                       '0 (from the masks) or at least 2')
-  largest = int(train_masks.max())
   if configured and largest >= configured:
     raise DataError(f'the train masks hold id {largest} but config key '
                     f'evaluate.segment_num_classes={configured}')

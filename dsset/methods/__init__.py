@@ -12,7 +12,9 @@ from dsset.methods.deepcluster import DeepClusterMethod
 from dsset.methods.finetune import FinetuneMethod
 from dsset.methods.knn import KnnMethod
 from dsset.methods.linear_probe import LinearProbeMethod
+from dsset.methods.rotation3d import Rotation3DMethod
 from dsset.methods.segment import SegmentMethod
+from dsset.methods.segment3d import Segment3DMethod
 from dsset.methods.swav import SwavMethod
 
 METHODS: dict[str, type[Method]] = {
@@ -23,11 +25,14 @@ METHODS: dict[str, type[Method]] = {
     # Clustering on slices (the 2D part of Nguyen et al.'s intra-inter clustering).
     'swav': SwavMethod,
     'deepcluster_v2': DeepClusterMethod,
+    # 3D proxy tasks (Taleb et al.) on cubes of the scans, with the 3D U-Net encoder.
+    'rotation3d': Rotation3DMethod,
     # Downstream evaluation of an encoder (config key init_from, or random init).
     'linear': LinearProbeMethod,
     'knn': KnnMethod,
     'finetune': FinetuneMethod,
     'segment': SegmentMethod,
+    'segment3d': Segment3DMethod,
 }
 
 

@@ -10,17 +10,16 @@ uint8 slices.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from data_pipelines import pipeline, samplers
 from data_pipelines.sources import make_source
-from dsset import augment, checkpointing, losses, models
+from dsset import augment, losses, models
 from dsset.config_validation import ConfigError
-from dsset.methods.base import Method, StepOutput
+from dsset.methods.base import StepOutput
+from dsset.methods.pretraining import PretrainingMethod
 
 # uint8 slices are scaled to [0, 1] by the augmentation, then centred so the stem sees zero-mean
 # inputs; BatchNorm after the stem makes the exact constants unimportant.
@@ -46,7 +45,7 @@ class ContrastiveModel(nn.Module):
     return h, z
 
 
-class ContrastiveMethod(Method):
+class ContrastiveMethod(PretrainingMethod):
   """The shared part; subclasses choose the sampler (make_sampler) and K (set_size)."""
 
   # Linen names a module passed as an attribute after the first parent attribute that holds it.
@@ -123,22 +122,6 @@ class ContrastiveMethod(Method):
     loss = losses.nt_xent(z_a, z_b, temperature=self.config.loss.temperature, ids=ids)
     labels = jnp.concatenate([batch['label'], batch['label']], axis=0)
     return loss, StepOutput(updates['batch_stats'], {'contrastive_loss': loss}, h, labels)
-
-  def finish(self, variables, workdir) -> dict[str, Any]:
-    path = checkpointing.export_backbone(workdir, variables, self.encoder_path, self.config.model,
-                                         self.set_encoder_path)
-    return {'backbone': path}
-
-  def summary(self, result, workdir) -> str:
-    import importlib.util  # pylint: disable=g-import-not-at-top
-    if importlib.util.find_spec('tensorboard') is not None:
-      board = f'TensorBoard: tensorboard --logdir {workdir}'
-    else:
-      board = ('TensorBoard event files (events.out.tfevents.*; to view them: pip install '
-               f'tensorboard, then tensorboard --logdir {workdir})')
-    return (f'Done: {self.config.train.num_steps} steps. Results in {workdir}:\n'
-            '  metrics.jsonl (per-step metrics), checkpoints/ (resume), '
-            f'{checkpointing.BACKBONE_FILE} (encoder for downstream), {board}')
 
 
 class _SingleSliceMethod(ContrastiveMethod):

@@ -14,7 +14,7 @@ class KnnMethod(ClassificationMethod):
   def finish(self, variables, workdir):
     del variables
     ev = self.config.evaluate
-    extractor = features.FeatureExtractor(self.config)  # first: it names a missing export
+    extractor = features.make_extractor(self.config)  # first: it names a missing export
     num_classes = self.num_classes()
     data = self.split_features(extractor)
     train = data['train']

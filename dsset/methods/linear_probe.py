@@ -41,7 +41,7 @@ class LinearProbeMethod(ClassificationMethod):
 
   def make_train_iterator(self, process_index=0, process_count=1, batch_multiple=1):
     # First: FeatureExtractor names a missing export before anything else is read.
-    extractor = features.FeatureExtractor(self.config)
+    extractor = features.make_extractor(self.config)
     self._num_features = extractor.num_features
     self._num_classes = self.num_classes()
     self._data = self.split_features(extractor)

@@ -36,7 +36,7 @@ class SegmentMethod(DownstreamMethod):
     backbone = make_backbone(self.model_config)
     images, masks = segment.read_split(self.config, 'train',
                                        float(self.config.evaluate.label_fraction))
-    self.model = unet.SegmentationModel(backbone, segment.num_classes(self.config, masks))
+    self.model = unet.SegmentationModel(backbone, segment.num_classes(self.config, int(masks.max())))
     self._image_shape = images.shape[1:]
     self._num_train = len(images)
 
