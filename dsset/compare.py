@@ -19,8 +19,9 @@ import numpy as np
 CLASSIFICATION_METRICS = ('accuracy', 'balanced_accuracy', 'auc')
 SEGMENTATION_METRICS = ('dice_mean',)
 GROUP_KEYS = ('method', 'kind', 'level', 'label_fraction')
-# Segmentation is scored per slice; its eval.json has no 'level'.
-DEFAULT_LEVEL = {'segment': 'slice'}
+# Segmentation is scored per slice (2D) or over whole volumes (3D); its eval.json has no 'level'.
+DEFAULT_LEVEL = {'segment': 'slice', 'segment3d': 'volume'}
+SEGMENTATION_KINDS = tuple(DEFAULT_LEVEL)
 
 
 class CompareError(ValueError):
@@ -29,7 +30,7 @@ class CompareError(ValueError):
 
 def metrics_of(run: dict) -> tuple[str, ...]:
   """The scores an eval.json of this kind reports."""
-  return SEGMENTATION_METRICS if run.get('kind') == 'segment' else CLASSIFICATION_METRICS
+  return SEGMENTATION_METRICS if run.get('kind') in SEGMENTATION_KINDS else CLASSIFICATION_METRICS
 
 
 def chance_level(metric: str, num_classes: int | None) -> float | None:
@@ -125,7 +126,7 @@ def size_text(row: dict) -> str:
   sizes = row['test_sizes']
   if not sizes:
     return '?'
-  unit = 'scans' if row['level'] == 'scan' else 'slices' if row['level'] == 'slice' else 'examples'
+  unit = 'scans' if row['level'] in ('scan', 'volume') else 'slices' if row['level'] == 'slice' else 'examples'
   count = str(sizes[0]) if len(sizes) == 1 else f'{sizes[0]}-{sizes[-1]}'
   return f'{count} {unit}'
 

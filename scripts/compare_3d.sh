@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The 3D arm of the comparison: pretrains rotation3d on the phantom for N seeds, then fine-tunes
+# segment3d at 10 % and 100 % of the labelled train scans and runs the scan-level 3D linear probe,
+# from each rotation3d encoder and from a random-init one, and builds the report. See
+# docs/reproducing.md, "3D proxy tasks".
+#
+# Usage: scripts/compare_3d.sh [OUT_DIR] [NUM_SEEDS]
+#   OUT_DIR    folder for every run and the report (default: runs/compare3d)
+#   NUM_SEEDS  seeds per arm (default: 3)
+# Environment:
+#   VARIANT         config variant of every run (default: none, the configs' own defaults; 'tiny'
+#                   for a smoke run)
+#   PRETRAIN_STEPS  rotation3d steps (default: the config's)
+#   SEGMENT_STEPS   segment3d steps (default: the config's)
+#   EXTRA           more --config.* overrides, applied to every run (data and encoder must match)
+#   PYTHON          the Python interpreter (default: python)
+set -euo pipefail
+
+out_dir=${1:-runs/compare3d}
+num_seeds=${2:-3}
+suffix=${VARIANT:+:${VARIANT}}
+python=${PYTHON:-python}
+read -r -a extra <<< "${EXTRA:-}"
+pretrain=()
+if [[ -n "${PRETRAIN_STEPS:-}" ]]; then
+  pretrain+=(--config.train.num_steps="${PRETRAIN_STEPS}")
+fi
+segment=()
+if [[ -n "${SEGMENT_STEPS:-}" ]]; then
+  segment+=(--config.train.num_steps="${SEGMENT_STEPS}")
+fi
+
+run() {  # run CONFIG WORKDIR ARGS...: skipped when the workdir already holds its result
+  local config=$1 workdir=$2
+  shift 2
+  if [[ -f "${workdir}/eval.json" || -f "${workdir}/backbone.msgpack" ]]; then
+    return
+  fi
+  echo "== ${config} -> ${workdir}"
+  "${python}" -m dsset.main --config="configs/${config}.py${suffix}" --workdir="${workdir}" \
+    "$@" "${extra[@]}"
+}
+
+mkdir -p "${out_dir}"
+eval_dirs=()
+for seed in $(seq 0 $((num_seeds - 1))); do
+  encoder="${out_dir}/pretrain/rotation3d_seed${seed}"
+  run rotation3d "${encoder}" --config.seed="${seed}" "${pretrain[@]}"
+  for init in rotation3d random; do
+    init_from=""
+    if [[ "${init}" == rotation3d ]]; then init_from=${encoder}; fi
+    for fraction in 0.1 1.0; do
+      workdir="${out_dir}/eval/segment3d_${init}_labels${fraction}_seed${seed}"
+      run segment3d "${workdir}" --config.seed="${seed}" --config.init_from="${init_from}" \
+        --config.evaluate.label_fraction="${fraction}" "${segment[@]}"
+      eval_dirs+=("${workdir}")
+    done
+    workdir="${out_dir}/eval/linear3d_${init}_seed${seed}"
+    run linear_eval3d "${workdir}" --config.seed="${seed}" --config.init_from="${init_from}"
+    eval_dirs+=("${workdir}")
+  done
+done
+
+"${python}" -m dsset.compare "${eval_dirs[@]}" --out="${out_dir}/report.md"
+echo "Report: ${out_dir}/report.md"
