@@ -6,9 +6,14 @@ environment before JAX starts its CPU backend, so it is set here, before any tes
 
 import os
 
+from tests import xla_env
+
 os.environ.setdefault('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
+# Compiling dominates the tiny runs of the suite: see tests/xla_env.py.
+if '--xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' ' + xla_env.FAST_COMPILE
 
 import tempfile  # noqa: E402
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from tests import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +18,7 @@ TINY = ['--config.train.schedule=constant', '--config.train.warmup_steps=0']
 
 def run_cli(*args, timeout=300):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
-  env.pop('XLA_FLAGS', None)  # one CPU device, as a user's laptop has
+  env['XLA_FLAGS'] = xla_env.ONE_DEVICE  # one CPU device, as a user's laptop has
   return subprocess.run([sys.executable, '-m', 'dsset.main', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

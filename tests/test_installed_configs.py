@@ -9,6 +9,7 @@ import numpy as np
 from configs import base
 from dsset import checkpointing
 from dsset.evaluate import features
+from tests import xla_env
 
 TINY_DATA = {
     'data.image_size': 32, 'data.phantom.num_scans': 16, 'data.phantom.depth': 8,
@@ -32,7 +33,7 @@ def test_embed_runs_outside_the_repository_with_its_default_config(tmp_path):
   elsewhere = tmp_path / 'elsewhere'
   elsewhere.mkdir()
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)  # one CPU device, as a user's laptop has
+  env['XLA_FLAGS'] = xla_env.ONE_DEVICE  # one CPU device, as a user's laptop has
   env.pop('PYTHONPATH', None)  # only the installed package can provide `configs`
   result = subprocess.run(
       [sys.executable, '-m', 'dsset.embed', f'--workdir={tmp_path / "pretrain"}',

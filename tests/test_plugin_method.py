@@ -16,6 +16,7 @@ from data_pipelines.record_iterator import RecordIterator
 from dsset import checkpointing, methods, models
 from dsset.evaluate import features
 from dsset.methods import Method, StepOutput
+from tests import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -73,7 +74,7 @@ CLI = ('import sys; sys.path.insert(0, {tests!r}); import test_plugin_method as 
 
 def run_cli(workdir, num_steps):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = xla_env.ONE_DEVICE  # one CPU device, as a user's laptop has
   return subprocess.run(
       [sys.executable, '-c', CLI, '--config=configs/base.py:tiny', f'--workdir={workdir}',
        '--config.method=supervised', f'--config.train.num_steps={num_steps}',
@@ -98,7 +99,7 @@ def test_a_method_defined_outside_dsset_trains_checkpoints_and_resumes(tmp_path)
 
 def test_an_unknown_method_is_one_clear_line(tmp_path):
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = xla_env.ONE_DEVICE  # one CPU device, as a user's laptop has
   result = subprocess.run(
       [sys.executable, '-m', 'dsset.main', '--config=configs/base.py:tiny',
        f'--workdir={tmp_path}', '--config.method=supervised'],

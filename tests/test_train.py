@@ -36,7 +36,10 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize('method', ['simclr', 'perscan', 'deepset'])
+# The loss and its sharding are the same code for the three samplers: deepset (sets and masks)
+# runs by default, the other two with -m slow.
+@pytest.mark.parametrize('method', [pytest.param('simclr', marks=pytest.mark.slow),
+                                    pytest.param('perscan', marks=pytest.mark.slow), 'deepset'])
 def test_eight_devices_match_one(method, tmp_path):
   """The loss is written over the global batch: sharding it over 8 devices changes nothing."""
   assert len(jax.devices()) == 8

@@ -15,6 +15,7 @@ from data_pipelines.errors import DataError
 from dsset.config_validation import ConfigError
 from dsset.methods import make_method
 import format_fixtures as ff
+from tests import xla_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -37,7 +38,7 @@ def _config(**data):
 def test_preview_command_shows_one_augmented_row_per_example(tmp_path):
   out = tmp_path / 'views.png'
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)  # one CPU device, as a user's laptop has
+  env['XLA_FLAGS'] = xla_env.ONE_DEVICE  # one CPU device, as a user's laptop has
   result = subprocess.run(
       [sys.executable, '-m', 'data_pipelines.preview', '--config=configs/deepset.py',
        f'--out={out}', '--scans=2', *TINY_DATA],

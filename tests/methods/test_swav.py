@@ -1,10 +1,8 @@
 """SwAV: Sinkhorn codes and the swapped-prediction loss against plain references, prototype
-handling, and the method trained by the loop (8 devices = 1, the queue in the state, the CLI)."""
+handling, and the method trained by the loop (8 devices = 1, the queue in the state, resume)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +11,8 @@ import pytest
 
 import configs.swav
 from dsset import config_validation, losses, train
-from dsset.methods import METHODS, make_method
+from dsset.methods import METHODS
 from dsset.methods.swav import SwavMethod
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def numpy_sinkhorn(scores, epsilon, iterations):
@@ -113,22 +109,12 @@ def test_eight_devices_match_one_with_the_queue(tmp_path):
                                atol=1e-5)
 
 
-def test_cli_trains_logs_cluster_usage_and_resumes(tmp_path):
-  env = dict(os.environ, PYTHONUNBUFFERED='1')
-  env.pop('XLA_FLAGS', None)
-
-  def cli(workdir, steps):
-    result = subprocess.run(
-        [sys.executable, '-m', 'dsset.main', '--config=configs/swav.py:tiny',
-         f'--workdir={workdir}', f'--config.train.num_steps={steps}',
-         '--config.train.schedule=constant', '--config.train.warmup_steps=0'],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return result
-
-  cli(tmp_path / 'split', 2)
-  assert 'Resuming from the checkpoint at step 2' in cli(tmp_path / 'split', 4).stderr
-  cli(tmp_path / 'whole', 4)
+def test_trains_logs_cluster_usage_and_resumes(tmp_path):
+  config = tiny(**{'train.num_steps': 2, 'train.schedule': 'constant', 'train.warmup_steps': 0})
+  train.train_and_evaluate(config, str(tmp_path / 'split'), devices=jax.devices()[:1])
+  config.train.num_steps = 4
+  train.train_and_evaluate(config, str(tmp_path / 'split'), devices=jax.devices()[:1])
+  train.train_and_evaluate(config, str(tmp_path / 'whole'), devices=jax.devices()[:1])
   split, whole = read_metrics(tmp_path / 'split'), read_metrics(tmp_path / 'whole')
   assert [m['step'] for m in split] == [1, 2, 3, 4]
   # Steps 3 and 4 use the queue filled before the interruption: it was restored.

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 from test_plugin_method import SupervisedMethod  # noqa: E402
+from tests import xla_env
 
 # Matmuls of this size per step: about a second on two CPU cores. (A host callback would be the
 # obvious way to slow a step down, but XLA:CPU runs programs with callbacks synchronously, which
@@ -40,7 +41,7 @@ CLI = ('import sys; sys.path.insert(0, {tests!r}); import test_stop_latency as t
 
 def test_sigterm_with_a_slow_step_and_a_long_log_interval_stops_within_one_step(tmp_path):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = xla_env.ONE_DEVICE  # one CPU device, as a user's laptop has
   log = tmp_path / 'stderr'
   with open(log, 'w') as stderr:
     proc = subprocess.Popen(

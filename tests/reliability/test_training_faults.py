@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 from test_cli import TINY  # noqa: E402
 from test_train import read_metrics, tiny_config  # noqa: E402
+from tests import xla_env
 
 # Frequent small checkpoints, constant schedule: the compiled step does not depend on num_steps.
 ARGS = ['--config=configs/deepset.py:tiny', *TINY]
@@ -25,7 +26,7 @@ ARGS = ['--config=configs/deepset.py:tiny', *TINY]
 
 def start_cli(workdir, *extra, args=tuple(ARGS)):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = xla_env.ONE_DEVICE  # one CPU device, as a user's laptop has
   return subprocess.Popen([sys.executable, '-m', 'dsset.main', *args, f'--workdir={workdir}',
                            *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
