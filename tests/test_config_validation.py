@@ -1,14 +1,18 @@
 """Start-up checks: every key of every config file is checked, each error names its key."""
 
 import importlib
+import pkgutil
 
 import pytest
 
+import configs
 from configs import base
 from dsset import config_validation
 from dsset.config_validation import ConfigError, validate
 
-CONFIG_FILES = ('simclr', 'perscan', 'deepset', 'linear_eval', 'knn_eval', 'finetune', 'segment')
+# Every config file of the package (base.py holds the defaults the others start from).
+CONFIG_FILES = tuple(sorted(m.name for m in pkgutil.iter_modules(configs.__path__)
+                            if m.name != 'base'))
 
 
 def leaf_keys(config, prefix=''):

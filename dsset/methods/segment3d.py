@@ -191,7 +191,8 @@ class Segment3DMethod(DownstreamMethod):
         'voxel_mm': voxel_mm,
         'num_examples': {'train': self._num_train, 'test': len(source)},
     }
-    title = f'{result["method"]}, segment3d ({self.config.evaluate.label_fraction:g} labels)'
+    title = (f'{result["method"]}, segment3d ({100 * self.config.evaluate.label_fraction:g} % of '
+             'the labels)')
     curve = self.training_curve(workdir)
     if curve is not None:
       plots.training_curve(curve, os.path.join(workdir, PLOT_FILES['curve']), title,
