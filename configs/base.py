@@ -277,3 +277,16 @@ def tiny_3d_settings(c) -> None:
   c.model.pretext_hidden = (32, 16)
   c.train.batch_size = 8
   c.evaluate.batch_size = 4
+
+
+def vissl_paper_settings(c) -> None:
+  """The VISSL settings of the clustering methods' :paper variants (swav.py, deepcluster_v2.py):
+  224 px views, batch 256, LARS at 0.3 (0.3 per 256 examples), weight decay 1e-6, 1000 steps with
+  100 warm-up."""
+  c.data.image_size = 224
+  c.train.batch_size = 256
+  c.train.optimizer = 'lars'
+  c.train.learning_rate = 0.3
+  c.train.weight_decay = 1e-6
+  c.train.num_steps = 1000
+  c.train.warmup_steps = 100

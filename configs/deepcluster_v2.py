@@ -41,13 +41,7 @@ def get_config(arg=None):
   if arg in (None, '', 'paper'):
     config.data.phantom.num_scans = 144
   if arg == 'paper':
-    config.data.image_size = 224
-    config.train.batch_size = 256
-    config.train.optimizer = 'lars'
-    config.train.learning_rate = 0.3
-    config.train.weight_decay = 1e-6
-    config.train.num_steps = 1000
-    config.train.warmup_steps = 100
+    base.vissl_paper_settings(config)
   elif arg == 'tiny':
     config.data.phantom.num_scans = 12
     config.train.num_steps = 14

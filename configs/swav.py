@@ -38,13 +38,7 @@ def get_config(arg=None):
   s.freeze_prototypes_steps = int(config.train.warmup_steps)
   s.queue_length = 1024
   if arg == 'paper':
-    config.data.image_size = 224
-    config.train.batch_size = 256
-    config.train.optimizer = 'lars'
-    config.train.learning_rate = 0.3
-    config.train.weight_decay = 1e-6
-    config.train.num_steps = 1000
-    config.train.warmup_steps = 100
+    base.vissl_paper_settings(config)
     s.queue_length = 3840
     s.freeze_prototypes_steps = 313
   elif arg == 'tiny':

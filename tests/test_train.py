@@ -11,7 +11,7 @@ import configs.deepset
 import configs.perscan
 import configs.simclr
 from dsset import train
-from dsset.methods import contrastive
+from dsset.methods import pretraining
 from data_pipelines.errors import DataError
 from dsset.config_validation import ConfigError, validate
 
@@ -111,7 +111,7 @@ def test_train_split_source_is_built_once(tmp_path, monkeypatch):
     return real(data_config, split)
 
   monkeypatch.setattr(sources, 'make_source', counting)
-  monkeypatch.setattr(contrastive, 'make_source', counting)
+  monkeypatch.setattr(pretraining, 'make_source', counting)
   train.train_and_evaluate(tiny_config('simclr', **{'train.num_steps': 1}), str(tmp_path))
   assert calls.count('train') == 1
 

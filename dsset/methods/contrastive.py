@@ -14,8 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from data_pipelines import pipeline, samplers
-from data_pipelines.sources import make_source
+from data_pipelines import samplers
 from dsset import augment, losses, models
 from dsset.config_validation import ConfigError
 from dsset.methods.base import StepOutput
@@ -62,32 +61,11 @@ class ContrastiveMethod(PretrainingMethod):
         head_hidden=config.model.head_hidden,
         head_out=config.model.head_out,
     )
-    self._num_classes = 0
 
   @property
   def set_size(self) -> int:
     """K, slices per view."""
     return 1
-
-  def make_sampler(self, source) -> samplers.ViewSampler:
-    raise NotImplementedError
-
-  def make_train_iterator(self, process_index=0, process_count=1, batch_multiple=1):
-    del batch_multiple  # train.batch_size was checked against the devices
-    # Built once and handed to the pipeline: a NIfTI or DICOM folder's source reads every header.
-    source = make_source(self.config.data, 'train')
-    self._num_classes = source.num_classes if self.config.monitor.enabled else 0
-    return pipeline.make_train_iterator(self.config, self.make_sampler(source),
-                                        process_index=process_index,
-                                        process_count=process_count)
-
-  @property
-  def monitor_classes(self) -> int:
-    return self._num_classes
-
-  @property
-  def monitor_dim(self) -> int:
-    return self.model.backbone.num_features
 
   def images_per_example(self) -> int:
     """Slices one example sends through the encoder (two views of K slices)."""

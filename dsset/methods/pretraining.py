@@ -1,11 +1,15 @@
-"""What every pretraining method does when its steps are done: export the encoder for downstream
-runs (backbone.msgpack + backbone.json, dsset.checkpointing) and tell the user where things are."""
+"""What every pretraining method shares: its batches come from the Grain pipeline over the train
+split through the method's sampler, the online probe reads its encoder's features, and when its
+steps are done it exports the encoder for downstream runs (backbone.msgpack + backbone.json,
+dsset.checkpointing) and tells the user where things are."""
 
 from __future__ import annotations
 
 import importlib.util
 from typing import Any, ClassVar
 
+from data_pipelines import pipeline, samplers
+from data_pipelines.sources import make_source
 from dsset import checkpointing
 from dsset.methods.base import Method
 
@@ -16,6 +20,32 @@ class PretrainingMethod(Method):
   # Where a set encoder's own layers live (DS-SimCLR's rho), exported beside the encoder for
   # scan-level evaluation; None when the method has none.
   set_encoder_path: ClassVar[tuple[str, ...] | None] = None
+
+  def __init__(self, config):
+    super().__init__(config)
+    self._num_classes = 0
+
+  def make_sampler(self, source) -> samplers.ViewSampler:
+    """The Grain map from a train-split record to one example of this method's batches."""
+    raise NotImplementedError
+
+  def make_train_iterator(self, process_index=0, process_count=1, batch_multiple=1):
+    del batch_multiple  # train.batch_size was checked against the devices
+    # Built once and handed to the pipeline: a NIfTI or DICOM folder's source reads every header.
+    source = make_source(self.config.data, 'train')
+    self._num_classes = source.num_classes if self.config.monitor.enabled else 0
+    return pipeline.make_train_iterator(self.config, self.make_sampler(source),
+                                        process_index=process_index,
+                                        process_count=process_count)
+
+  @property
+  def monitor_classes(self) -> int:
+    return self._num_classes
+
+  @property
+  def monitor_dim(self) -> int:
+    """The online probe reads the encoder's features (self.model.backbone)."""
+    return self.model.backbone.num_features
 
   def finish(self, variables, workdir) -> dict[str, Any]:
     path = checkpointing.export_backbone(workdir, variables, self.encoder_path, self.model_config,

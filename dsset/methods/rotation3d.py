@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from data_pipelines import pipeline, volumes
-from data_pipelines.sources import make_source
+from data_pipelines import volumes
 from dsset import augment3d
 from dsset.config_validation import ConfigError
 from dsset.methods.base import StepOutput
@@ -56,29 +55,15 @@ class Rotation3DMethod(PretrainingMethod):
     self.model = RotationModel(backbone=unet3d.make_unet3d(config.model),
                                hidden=tuple(config.model.pretext_hidden),
                                dropout=float(config.model.pretext_dropout))
-    self._num_classes = 0
 
   @classmethod
   def check_config(cls, config):
     check_3d_encoder(config)
 
-  def make_train_iterator(self, process_index=0, process_count=1, batch_multiple=1):
-    del batch_multiple
+  def make_sampler(self, source):
     d = self.config.data
-    source = make_source(d, 'train')
-    self._num_classes = source.num_classes if self.config.monitor.enabled else 0
-    sampler = volumes.VolumeSampler(source, int(d.volume_size), float(d.voxel_mm),
-                                    on_bad_scan=str(d.on_bad_scan))
-    return pipeline.make_train_iterator(self.config, sampler, process_index=process_index,
-                                        process_count=process_count)
-
-  @property
-  def monitor_classes(self) -> int:
-    return self._num_classes
-
-  @property
-  def monitor_dim(self) -> int:
-    return self.model.backbone.num_features
+    return volumes.VolumeSampler(source, int(d.volume_size), float(d.voxel_mm),
+                                 on_bad_scan=str(d.on_bad_scan))
 
   def init(self, rng):
     size = int(self.config.data.volume_size)
