@@ -134,7 +134,8 @@ def load_set_encoder(source_workdir: str) -> dict:
   return {'params': tree.get('params', {}), 'batch_stats': tree.get('batch_stats', {})}
 
 
-# init_from may name a torchvision-layout ResNet state_dict instead of a workdir (docs/pytorch.md).
+# init_from may name a torchvision-layout ResNet state_dict, or a MONAI BasicUNet-layout 3D U-Net
+# encoder, instead of a workdir (docs/pytorch.md).
 TORCH_SUFFIXES = ('.pth', '.pt')
 
 
@@ -179,7 +180,8 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def load_torch_backbone(path: str) -> tuple[dict, dict]:
   """A torchvision ResNet state_dict file -> (encoder {'params', 'batch_stats'}, model dict with
-  the backbone, small_stem and width_multiplier its keys and shapes imply)."""
+  the backbone, small_stem and width_multiplier its keys and shapes imply); a 3D U-Net encoder
+  in MONAI BasicUNet's layout -> backbone 'unet3d', filters and bottleneck."""
   from dsset.export import convert  # pylint: disable=import-outside-toplevel
   state_dict = load_torch_state_dict(path)
   try:
@@ -194,9 +196,9 @@ def load_torch_backbone(path: str) -> tuple[dict, dict]:
 def load_backbone(source_workdir: str) -> tuple[dict, dict]:
   """Reads a backbone export: ({'params', 'batch_stats'} of the encoder, its model config dict).
 
-  source_workdir is a pretraining workdir, or a torchvision-layout ResNet state_dict file
-  (.pth/.pt: `load_torch_backbone`; its model dict has only backbone, small_stem and
-  width_multiplier, plus source='torch').
+  source_workdir is a pretraining workdir, or a state_dict file (.pth/.pt: `load_torch_backbone`)
+  of a torchvision-layout ResNet (its model dict has only backbone, small_stem and
+  width_multiplier, plus source='torch') or of a 3D U-Net encoder in MONAI BasicUNet's layout.
   """
   if is_torch_file(source_workdir):
     return load_torch_backbone(source_workdir)
@@ -249,19 +251,20 @@ def _flax_label(collection: str, path: tuple[str, ...], shape: tuple) -> tuple[A
 
 
 def _torch_labeller(encoder: dict):
-  """Labels variables of an encoder read from a torchvision file by their torch keys, in network
-  order, with conv kernels shown as torch holds them (OIHW)."""
+  """Labels variables of an encoder read from a PyTorch file by their torch keys, in network
+  order, with conv kernels shown as torch holds them (OIHW, OIDHW)."""
   from dsset.export import convert  # pylint: disable=import-outside-toplevel
   backbone = _backbone_of(encoder)
-  order = convert.torch_key_order(backbone)
+  levels = convert.unet3d_levels(encoder['params'])
+  order = convert.torch_key_order(backbone, levels)
 
   def label(collection: str, path: tuple[str, ...], shape: tuple) -> tuple[Any, str, tuple]:
-    key = convert.torch_name(backbone, collection, path)
+    key = convert.torch_name(backbone, collection, path, levels)
     if key is None:
       _, name, shape = _flax_label(collection, path, shape)
       return (len(order), name), name, shape
-    if path[-1] == 'kernel' and len(shape) == 4:
-      shape = (shape[3], shape[2], shape[0], shape[1])
+    if path[-1] == 'kernel' and len(shape) >= 4:
+      shape = (shape[-1], shape[-2], *shape[:-2])
     return (order[key], key), key, shape
   return label
 
@@ -318,6 +321,8 @@ def insert_backbone(variables: dict, encoder: dict, encoder_path: tuple[str, ...
 
 def _backbone_of(encoder: dict) -> str:
   """The dsset backbone name of Flax encoder variables (by block type and count)."""
+  if any(key.startswith('ConvBlock3D_') for key in encoder['params']):
+    return 'unet3d'
   blocks = [key for key in encoder['params'] if '_' in key and not key.startswith(
       ('Conv_', 'BatchNorm_'))]
   if any(key.startswith('Bottleneck_') for key in blocks):

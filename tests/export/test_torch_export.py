@@ -63,8 +63,10 @@ def random_bn(tree, rng):
 
 
 def random_encoder(backbone, small_stem, width, channels, size, seed=0):
-  variables = jax_model(backbone, small_stem, width).init(
-      jax.random.key(seed), jnp.zeros((1, size, size, channels)), train=False)
+  # Jitted: eager initialisation compiles every op on its own (seconds per ResNet here).
+  init = jax.jit(lambda key: jax_model(backbone, small_stem, width).init(
+      key, jnp.zeros((1, size, size, channels)), train=False))
+  variables = init(jax.random.key(seed))
   return random_bn(jax.device_get(variables), np.random.default_rng(seed))
 
 
