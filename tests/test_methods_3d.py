@@ -71,16 +71,22 @@ def test_rotation3d_logs_its_metrics_and_exports_the_3d_encoder(pretrained):
   assert exported(pretrained)['params']  # the encoder's variables, for init_from
 
 
-def test_rotation3d_resume_equals_uninterrupted(pretrained, tmp_path):
-  config = tiny(rotation3d, **CONSTANT)
-  run(config, str(tmp_path))
+def check_resume_equals_uninterrupted(config_module, uninterrupted, workdir):
+  """Two steps of the module's tiny config (CONSTANT), then a resume to four in workdir: the
+  losses and the export equal those of the uninterrupted 4-step run in `uninterrupted`."""
+  config = tiny(config_module, **CONSTANT)
+  run(config, str(workdir))
   config.train.num_steps = 4
-  run(config, str(tmp_path))
-  assert [m['step'] for m in metrics(tmp_path)] == [1, 2, 3, 4]
-  np.testing.assert_allclose([m['loss'] for m in metrics(tmp_path)],
-                             [m['loss'] for m in metrics(pretrained)], rtol=1e-5)
+  run(config, str(workdir))
+  assert [m['step'] for m in metrics(workdir)] == [1, 2, 3, 4]
+  np.testing.assert_allclose([m['loss'] for m in metrics(workdir)],
+                             [m['loss'] for m in metrics(uninterrupted)], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               exported(tmp_path), exported(pretrained))
+               exported(workdir), exported(uninterrupted))
+
+
+def test_rotation3d_resume_equals_uninterrupted(pretrained, tmp_path):
+  check_resume_equals_uninterrupted(rotation3d, pretrained, tmp_path)
 
 
 def write_nifti_folder(folder):

@@ -9,6 +9,7 @@ from dsset.config_validation import ConfigError
 from dsset.methods.base import Method, StepOutput
 from dsset.methods.contrastive import DeepSetMethod, PerScanMethod, SimclrMethod
 from dsset.methods.deepcluster import DeepClusterMethod
+from dsset.methods.exemplar3d import Exemplar3DMethod
 from dsset.methods.finetune import FinetuneMethod
 from dsset.methods.knn import KnnMethod
 from dsset.methods.linear_probe import LinearProbeMethod
@@ -27,6 +28,7 @@ METHODS: dict[str, type[Method]] = {
     'deepcluster_v2': DeepClusterMethod,
     # 3D proxy tasks (Taleb et al.) on cubes of the scans, with the 3D U-Net encoder.
     'rotation3d': Rotation3DMethod,
+    'exemplar3d': Exemplar3DMethod,
     # Downstream evaluation of an encoder (config key init_from, or random init).
     'linear': LinearProbeMethod,
     'knn': KnnMethod,
