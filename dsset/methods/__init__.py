@@ -11,9 +11,11 @@ from dsset.methods.contrastive import DeepSetMethod, PerScanMethod, SimclrMethod
 from dsset.methods.deepcluster import DeepClusterMethod
 from dsset.methods.exemplar3d import Exemplar3DMethod
 from dsset.methods.finetune import FinetuneMethod
+from dsset.methods.jigsaw3d import Jigsaw3DMethod
 from dsset.methods.knn import KnnMethod
 from dsset.methods.linear_probe import LinearProbeMethod
 from dsset.methods.rotation3d import Rotation3DMethod
+from dsset.methods.rpl3d import Rpl3DMethod
 from dsset.methods.segment import SegmentMethod
 from dsset.methods.segment3d import Segment3DMethod
 from dsset.methods.swav import SwavMethod
@@ -29,6 +31,8 @@ METHODS: dict[str, type[Method]] = {
     # 3D proxy tasks (Taleb et al.) on cubes of the scans, with the 3D U-Net encoder.
     'rotation3d': Rotation3DMethod,
     'exemplar3d': Exemplar3DMethod,
+    'rpl3d': Rpl3DMethod,
+    'jigsaw3d': Jigsaw3DMethod,
     # Downstream evaluation of an encoder (config key init_from, or random init).
     'linear': LinearProbeMethod,
     'knn': KnnMethod,
