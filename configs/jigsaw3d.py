@@ -12,8 +12,8 @@ Keys this method reads:
   data.volume_size, data.voxel_mm, model.*, augment3d.*, train.*, monitor.*, checkpoint.*   as in
                               configs/rpl3d.py (the probe reads the mean of the patches' features).
 Variants:
-  ''     this CPU: 64^3 cubes (patches of 16^3), jitter 3, batch 4 (108 patches a step), Adam 1e-3;
-         the phantom gets 64 slices so that its cubes are all scan.
+  ''     this CPU: 64^3 cubes of 2.5 mm voxels (patches of 16^3), jitter 3, batch 4 (108 patches
+         a step), Adam 1e-3; the voxel size as in configs/rpl3d.py.
   paper  128^3 cubes (patches of 32^3 where the released code used 39^3), jitter 3, 100
          permutations, batch 8, Adam 1e-4 (HealthML jigsaw_3d.json).
   tiny   tests: 16^3 cubes, a two-level encoder, 4^3 patches, jitter 1.

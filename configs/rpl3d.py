@@ -14,8 +14,9 @@ Keys this method reads:
                            geometric part is off, as in the released code.
   train.*, monitor.*, checkpoint.*  as every method (the probe reads the centre patch).
 Variants:
-  ''     this CPU: 64^3 cubes (cells of 21, patches of 16^3), jitter 3, batch 8, Adam 1e-3; the
-         phantom gets 64 slices so that its cubes are all scan.
+  ''     this CPU: 64^3 cubes of 2.5 mm voxels (cells of 21, patches of 16^3), jitter 3, batch 8,
+         Adam 1e-3. At the scans' own 5 mm a 64^3 cube would be twice the default phantom's
+         length (zero padded); --config.data.voxel_mm=0 keeps the scans' own voxels.
   paper  128^3 cubes (cells of 42, patches of 32^3: the encoder needs multiples of 16 where the
          released code used 39^3), jitter 3, batch 32, Adam 1e-4 (HealthML rpl_3d.json).
   tiny   tests: 16^3 cubes, a two-level encoder, 4^3 patches, jitter 1.
@@ -35,9 +36,10 @@ def patch_task_settings(config, arg, section: str) -> ml_collections.ConfigDict:
   config.train.optimizer = 'adam'
   config.train.learning_rate = 1e-3
   config.data.volume_size = 64
-  if arg != 'tiny':
-    # The default phantom has 32 slices: 64 make every 64^3 cube all scan (same 160 mm length).
-    config.data.phantom.depth = 64
+  if arg not in ('paper', 'tiny'):
+    # 2.5 mm voxels: a 64^3 cube spans 160 mm, the default phantom's length (32 slices of 5 mm),
+    # so cubes are all scan, from the same scans segment3d fine-tunes on (at their own 5 mm).
+    config.data.voxel_mm = 2.5
   config[section] = ml_collections.ConfigDict()
   s = config[section]
   s.patches_per_side = 3

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The 3D arm of the comparison: pretrains rotation3d on the phantom for N seeds, then fine-tunes
-# segment3d at 10 % and 100 % of the labelled train scans and runs the scan-level 3D linear probe,
-# from each rotation3d encoder and from a random-init one, and builds the report. See
-# docs/reproducing.md, "3D proxy tasks".
+# The 3D arm of the comparison: pretrains each 3D proxy task (Taleb et al.) on the phantom for N
+# seeds, then fine-tunes segment3d at 10 % and 100 % of the labelled train scans and runs the
+# scan-level 3D linear probe, from each task's encoder and from a random-init one, and builds the
+# report. See docs/reproducing.md, "3D proxy tasks".
 #
 # Usage: scripts/compare_3d.sh [OUT_DIR] [NUM_SEEDS]
 #   OUT_DIR    folder for every run and the report (default: runs/compare3d)
@@ -10,7 +10,8 @@
 # Environment:
 #   VARIANT         config variant of every run (default: none, the configs' own defaults; 'tiny'
 #                   for a smoke run)
-#   PRETRAIN_STEPS  rotation3d steps (default: the config's)
+#   METHODS         the pretraining configs (default: rotation3d rpl3d jigsaw3d cpc3d exemplar3d)
+#   PRETRAIN_STEPS  pretraining steps of every task (default: each config's)
 #   SEGMENT_STEPS   segment3d steps (default: the config's)
 #   EXTRA           more --config.* overrides, applied to every run (data and encoder must match)
 #   PYTHON          the Python interpreter (default: python)
@@ -21,6 +22,7 @@ num_seeds=${2:-3}
 suffix=${VARIANT:+:${VARIANT}}
 python=${PYTHON:-python}
 read -r -a extra <<< "${EXTRA:-}"
+read -r -a methods <<< "${METHODS:-rotation3d rpl3d jigsaw3d cpc3d exemplar3d}"
 pretrain=()
 if [[ -n "${PRETRAIN_STEPS:-}" ]]; then
   pretrain+=(--config.train.num_steps="${PRETRAIN_STEPS}")
@@ -44,11 +46,12 @@ run() {  # run CONFIG WORKDIR ARGS...: skipped when the workdir already holds it
 mkdir -p "${out_dir}"
 eval_dirs=()
 for seed in $(seq 0 $((num_seeds - 1))); do
-  encoder="${out_dir}/pretrain/rotation3d_seed${seed}"
-  run rotation3d "${encoder}" --config.seed="${seed}" "${pretrain[@]}"
-  for init in rotation3d random; do
+  for init in "${methods[@]}" random; do
     init_from=""
-    if [[ "${init}" == rotation3d ]]; then init_from=${encoder}; fi
+    if [[ "${init}" != random ]]; then
+      init_from="${out_dir}/pretrain/${init}_seed${seed}"
+      run "${init}" "${init_from}" --config.seed="${seed}" "${pretrain[@]}"
+    fi
     for fraction in 0.1 1.0; do
       workdir="${out_dir}/eval/segment3d_${init}_labels${fraction}_seed${seed}"
       run segment3d "${workdir}" --config.seed="${seed}" --config.init_from="${init_from}" \

@@ -20,6 +20,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 import configs.base  # noqa: E402
+from data_pipelines import pipeline  # noqa: E402
 from dsset import checkpointing  # noqa: E402
 from dsset.config_validation import ConfigError  # noqa: E402
 from dsset.evaluate import features  # noqa: E402
@@ -28,7 +29,10 @@ from dsset.export import convert, to_torch, torch_resnet  # noqa: E402
 from dsset.methods import contrastive, make_method  # noqa: E402
 from dsset.models.layers import Layers  # noqa: E402
 from dsset.models.resnet import BACKBONES  # noqa: E402
+from tests import xla_env  # noqa: E402
 
+# Pretraining steps of the slow quick-start check: the export path, not the encoder's quality.
+QUICK_STEPS = 30
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (backbone, small_stem, width_multiplier, channels, image_size)
@@ -386,20 +390,63 @@ def test_cli_runs_as_a_module(tmp_path):
   assert proc.returncode == 2 and "invalid choice: 'onnx'" in proc.stderr
 
 
+TORCHVISION_CASES = [case for case in CASES if CASES[case][2] == 1.0
+                     and CASES[case][0] in to_torch.TORCHVISION_BACKBONES]
+
+
+def torchvision_from_sidecar(torchvision, meta_path):
+  """torchvision's class with the replacements encoder.json prescribes, applied as written."""
+  with open(meta_path) as f:
+    recipe = json.load(f)['torchvision']
+  model = eval(recipe['class'])(num_classes=4)  # noqa: S307 -- our own sidecar's recipe
+  for name, module in recipe['replace'].items():
+    setattr(model, name, eval(module))  # noqa: S307
+  return model
+
+
 @pytest.mark.slow
-def test_export_loads_into_torchvision_itself(tmp_path):
-  """Run by hand where torchvision imports (pytest -m slow): the README's recipe."""
+@pytest.mark.parametrize('case', TORCHVISION_CASES)
+def test_export_loads_into_torchvision_itself(tmp_path, case):
+  """Run by hand where torchvision imports (pytest -m slow): the sidecar's recipe, as written."""
   torchvision = pytest.importorskip('torchvision')
-  backbone, small_stem, width, channels, size = CASES['resnet18']
+  backbone, small_stem, width, channels, size = CASES[case]
   variables = random_encoder(backbone, small_stem, width, channels, size)
   workdir = pretraining_workdir(tmp_path / 'run', backbone, small_stem, width, channels, size,
                                 variables)
-  out, _ = to_torch.export_torch(workdir, str(tmp_path / 'encoder.pt'))
-  model = torchvision.models.resnet18(num_classes=4)
-  model.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+  out, meta_path = to_torch.export_torch(workdir, str(tmp_path / 'encoder.pt'))
+  model = torchvision_from_sidecar(torchvision, meta_path)
   missing, unexpected = model.load_state_dict(torch.load(out, weights_only=True), strict=False)
   assert (sorted(missing), unexpected) == (['fc.bias', 'fc.weight'], [])
   model.fc = torch.nn.Identity()
   images = uint8_images(6, size, channels)
-  report('torchvision resnet18', torch_features(model, images),
+  report(f'torchvision {case}', torch_features(model, images),
          jax_features(backbone, small_stem, width, variables, images))
+
+
+@pytest.mark.slow
+def test_quick_start_export_in_torchvision_gives_dsset_embed_features(tmp_path):
+  """The README's path on the phantom, shortened to QUICK_STEPS steps: pretrain with the quick
+  start's config, export, load into torchvision by the sidecar's recipe; its features of the test
+  split's slices equal those dsset.embed wrote for the same slices."""
+  torchvision = pytest.importorskip('torchvision')
+  workdir, out = tmp_path / 'deepset', tmp_path / 'encoder.pt'
+  env = dict(os.environ, XLA_FLAGS=xla_env.ONE_DEVICE)
+  run = lambda *args: subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env, check=True)
+  run('dsset.main', '--config=configs/deepset.py', f'--workdir={workdir}',
+      f'--config.train.num_steps={QUICK_STEPS}')
+  run('dsset.export', f'--workdir={workdir}', '--format=torch', f'--out={out}')
+  run('dsset.embed', f'--workdir={workdir}', f'--out={tmp_path / "emb.npz"}')
+  embedded = np.load(tmp_path / 'emb.npz')
+  test = embedded['slice_splits'] == 'test'
+
+  model = torchvision_from_sidecar(torchvision, str(out).replace('.pt', '.json'))
+  model.load_state_dict(torch.load(out, weights_only=True), strict=False)
+  model.fc = torch.nn.Identity()
+  config = configs.base.get_config()  # dsset.embed's default data section
+  slices = np.concatenate([scan['slices'] for scan in
+                           pipeline.make_eval_dataset(config, 'test', 'scan')])
+  assert len(slices) == int(test.sum()) > 0
+  report('quick start in torchvision vs dsset.embed', torch_features(model, slices),
+         embedded['slice_features'][test])
+
+
