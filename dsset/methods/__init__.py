@@ -8,6 +8,7 @@ package and add it here (tests may add their own entries to METHODS).
 from dsset.config_validation import ConfigError
 from dsset.methods.base import Method, StepOutput
 from dsset.methods.contrastive import DeepSetMethod, PerScanMethod, SimclrMethod
+from dsset.methods.cpc3d import CPC3DMethod
 from dsset.methods.deepcluster import DeepClusterMethod
 from dsset.methods.exemplar3d import Exemplar3DMethod
 from dsset.methods.finetune import FinetuneMethod
@@ -33,6 +34,7 @@ METHODS: dict[str, type[Method]] = {
     'exemplar3d': Exemplar3DMethod,
     'rpl3d': Rpl3DMethod,
     'jigsaw3d': Jigsaw3DMethod,
+    'cpc3d': CPC3DMethod,
     # Downstream evaluation of an encoder (config key init_from, or random init).
     'linear': LinearProbeMethod,
     'knn': KnnMethod,
