@@ -280,6 +280,7 @@ def test_rpl3d_trains_on_a_nifti_folder_and_exports_the_3d_encoder(rpl_nifti_run
   assert exported(workdir)['params']
 
 
+@pytest.mark.slow  # stateless: jigsaw3d's resume (with method state) runs by default
 def test_rpl3d_resume_equals_uninterrupted(rpl_nifti_run, tmp_path):
   module, workdir = rpl_nifti_run
   check_resume_equals_uninterrupted(module, workdir, tmp_path)

@@ -96,7 +96,7 @@ def test_unwritable_workdir_is_reported_before_training(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a folder')
   with pytest.raises(ConfigError, match='not a writable folder'):
-    train.train_and_evaluate(tiny_config('simclr'), str(blocker / 'run'))
+    train.train_and_evaluate(tiny_config('simclr'), str(blocker / 'run'), devices=jax.devices()[:1])
 
 
 def test_train_split_source_is_built_once(tmp_path, monkeypatch):
@@ -112,12 +112,13 @@ def test_train_split_source_is_built_once(tmp_path, monkeypatch):
 
   monkeypatch.setattr(sources, 'make_source', counting)
   monkeypatch.setattr(pretraining, 'make_source', counting)
-  train.train_and_evaluate(tiny_config('simclr', **{'train.num_steps': 1}), str(tmp_path))
+  train.train_and_evaluate(tiny_config('simclr', **{'train.num_steps': 1}), str(tmp_path),
+                           devices=jax.devices()[:1])
   assert calls.count('train') == 1
 
 
 def test_bad_data_path_leaves_no_workdir(tmp_path):
   config = tiny_config('simclr', **{'data.source': 'nifti', 'data.path': str(tmp_path / 'none')})
   with pytest.raises(DataError, match='none'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    train.train_and_evaluate(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
   assert not (tmp_path / 'run').exists(), 'nothing is written before the data is read'

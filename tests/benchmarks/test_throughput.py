@@ -21,6 +21,7 @@ def test_jax_benchmark_reports_required_fields(workload):
   assert 0 < result['mfu'] < 1
 
 
+@pytest.mark.slow  # benchmark smoke run
 def test_torch_reference_reports_required_fields():
   pytest.importorskip('torch')
   from benchmarks import torch_reference
@@ -44,6 +45,7 @@ UNET3D_QUICK = dict(image_size=16, warmup=1, steps=1, scale=8, peak_flops=1e11,
                     unet3d_filters=(4, 8), unet3d_bottleneck=8)
 
 
+@pytest.mark.slow  # benchmark smoke run
 def test_unet3d_workload_reports_required_fields():
   result = throughput.run('unet3d', **UNET3D_QUICK)
   assert REQUIRED | {'jax_version'} <= set(result)
@@ -52,6 +54,7 @@ def test_unet3d_workload_reports_required_fields():
   assert result['images_per_s'] > 0 and result['model_flops_per_step'] > 0
 
 
+@pytest.mark.slow  # benchmark smoke run
 def test_unet3d_torch_reference_reports_required_fields():
   pytest.importorskip('torch')
   from benchmarks import torch_reference

@@ -265,9 +265,11 @@ def test_all_nan_nifti_in_train_is_skipped_by_a_training_run(tmp_path, caplog):
   assert len(source) == 4 and not source.skipped  # listing did not catch it
   caplog.set_level(logging.WARNING)
 
+  import jax  # pylint: disable=import-outside-toplevel
   from dsset import train  # JAX only for this test
   workdir = tmp_path / 'run'
-  train.train_and_evaluate(config, str(workdir))  # 3 steps of 8 > the 16 slices: all are drawn
+  # 3 steps of 8 > the 16 slices: all are drawn.
+  train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
   assert (workdir / 'backbone.msgpack').exists()
   named = [r.getMessage() for r in caplog.records if 'allnan.nii.gz' in r.getMessage()]
   assert len(named) == 1 and 'voxels are NaN or infinite' in named[0]
@@ -285,4 +287,4 @@ def test_all_nan_nifti_in_train_is_skipped_by_a_training_run(tmp_path, caplog):
 
   config.data.on_bad_scan = 'stop'
   with pytest.raises(DataError, match='allnan.nii.gz: 576 voxels are NaN or infinite'):
-    train.train_and_evaluate(config, str(tmp_path / 'stopped'))
+    train.train_and_evaluate(config, str(tmp_path / 'stopped'), devices=jax.devices()[:1])

@@ -28,7 +28,7 @@ def tiny_eval_config(module, **evaluate):
 
 
 def evaluate(config, workdir):
-  return train.train_and_evaluate(config, workdir)
+  return train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
 
 def test_linear_eval_random_init_writes_results_and_plots(tmp_path):

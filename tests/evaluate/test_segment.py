@@ -67,7 +67,8 @@ def tiny_segment_config(**evaluate):
 
 def test_segmentation_run_writes_dice_and_plots(tmp_path):
   # (The frozen-encoder phase has its own test: one compiled step here.)
-  result = train.train_and_evaluate(tiny_segment_config(label_fraction=0.5), str(tmp_path))
+  result = train.train_and_evaluate(tiny_segment_config(label_fraction=0.5), str(tmp_path),
+                                    devices=jax.devices()[:1])
   with open(tmp_path / 'eval.json') as f:
     written = json.load(f)
   assert written == result

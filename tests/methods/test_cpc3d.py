@@ -216,6 +216,7 @@ def test_cpc3d_logs_its_metrics_and_exports_the_3d_encoder(pretrained):
   assert set(exported(pretrained)['params']) == {f'ConvBlock3D_{i}' for i in range(3)}
 
 
+@pytest.mark.slow  # stateless: the loop's resume is checked by rotation3d and jigsaw3d
 def test_cpc3d_resume_equals_uninterrupted(pretrained, tmp_path):
   config = tiny(cpc3d, **LOOP)
   run(config, str(tmp_path))

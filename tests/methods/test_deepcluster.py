@@ -120,10 +120,10 @@ def test_resume_across_an_epoch_equals_uninterrupted(tmp_path):
   config = tiny(**{'train.num_steps': 9, 'train.schedule': 'constant',
                    'train.warmup_steps': 0})
   split, whole = tmp_path / 'split', tmp_path / 'whole'
-  train.train_and_evaluate(config, str(split))
+  train.train_and_evaluate(config, str(split), devices=jax.devices()[:1])
   config.train.num_steps = 14
-  train.train_and_evaluate(config, str(split))
-  train.train_and_evaluate(config, str(whole))
+  train.train_and_evaluate(config, str(split), devices=jax.devices()[:1])
+  train.train_and_evaluate(config, str(whole), devices=jax.devices()[:1])
   a, b = read_metrics(split), read_metrics(whole)
   assert [m['step'] for m in a] == list(range(1, 15))
   assert a[-1]['kmeans_rounds'] == 2

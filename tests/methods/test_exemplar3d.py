@@ -127,6 +127,7 @@ def test_exemplar3d_logs_triplet_metrics_feeds_the_probe_and_exports_the_encoder
   assert exported(pretrained)['params']
 
 
+@pytest.mark.slow  # stateless: the loop's resume is checked by rotation3d and jigsaw3d
 def test_exemplar3d_resume_equals_uninterrupted(pretrained, tmp_path):
   check_resume_equals_uninterrupted(exemplar3d, pretrained, tmp_path)
 

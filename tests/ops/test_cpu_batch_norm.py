@@ -61,7 +61,7 @@ def _compare(shape, mask):
 
 
 @pytest.mark.parametrize('backbone,image_size', [
-    (backbone, size) if (backbone, size) == ('resnet18', 64)
+    (backbone, size) if (backbone, size) == ('resnet18', 32)
     else pytest.param(backbone, size, marks=pytest.mark.slow)
     for backbone in ('resnet18', 'resnet50') for size in resnet_shapes.RESOLUTIONS
 ])

@@ -126,14 +126,14 @@ def test_incomplete_checkpoint_is_ignored_on_resume(tmp_path):
   """What kill -9 during a write leaves (an uncommitted temporary step folder) is skipped."""
   workdir = tmp_path / 'run'
   config = tiny_config('simclr', **{'train.num_steps': 2, 'checkpoint.every_steps': 1})
-  train.train_and_evaluate(config, str(workdir))
+  train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
   checkpoints = workdir / 'checkpoints'
   # Orbax writes step N into a temporary folder and renames it when complete.
   partial = checkpoints / '3.orbax-checkpoint-tmp-1234567'
   partial.mkdir()
   (partial / 'garbage').write_bytes(b'\0' * 100)
   config.train.num_steps = 4
-  train.train_and_evaluate(config, str(workdir))
+  train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
   assert [m['step'] for m in read_metrics(workdir)] == [1, 2, 3, 4]
 
 
@@ -163,13 +163,14 @@ def _exploding(**overrides):
 
 def test_nonfinite_step_stops_with_its_number_and_keeps_good_checkpoint(tmp_path):
   with pytest.raises(train.TrainingError, match=r'non-finite loss or gradients at step \d+'):
-    train.train_and_evaluate(_exploding(), str(tmp_path / 'run'))
+    train.train_and_evaluate(_exploding(), str(tmp_path / 'run'), devices=jax.devices()[:1])
   checkpoints = [d for d in os.listdir(tmp_path / 'run' / 'checkpoints') if d.isdigit()]
   assert checkpoints, 'the steps before the bad one were checkpointed'
 
 
 def test_nonfinite_steps_skipped_when_asked(tmp_path):
-  train.train_and_evaluate(_exploding(**{'train.on_nonfinite': 'skip'}), str(tmp_path / 'run'))
+  train.train_and_evaluate(_exploding(**{'train.on_nonfinite': 'skip'}), str(tmp_path / 'run'),
+                           devices=jax.devices()[:1])
   assert read_metrics(tmp_path / 'run')[-1]['skipped_steps'] >= 1
   params = backbone(str(tmp_path / 'run'))
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params)), \
