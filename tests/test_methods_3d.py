@@ -111,8 +111,11 @@ def test_volume_sampler_reads_a_nifti_folder_at_isotropic_voxels(tmp_path):
 
 @pytest.mark.slow
 def test_rotation3d_trains_on_a_nifti_folder(tmp_path):
-  config = tiny(rotation3d, **{'data.voxel_mm': 1.5})
-  config.data.update(format_fixtures.data_config(write_nifti_folder(tmp_path / 'scans')))
+  config = tiny(rotation3d)
+  # data_config is base's whole data section: the cube size and voxel size go through it, or
+  # the update would put back base's 32^3 at the scans' own voxels.
+  config.data.update(format_fixtures.data_config(write_nifti_folder(tmp_path / 'scans'),
+                                                 volume_size=16, voxel_mm=1.5))
   config.monitor.enabled = False
   config.train.batch_size = 2
   run(config, str(tmp_path / 'run'))
