@@ -1,7 +1,8 @@
 """Comparison report of evaluation runs: python -m dsset.compare RUN_DIR... --out=report.md.
 
 Each RUN_DIR holds an eval.json (dsset.evaluate). Runs are grouped by (pretraining method or
-'random init', evaluation kind, level, label fraction); the Markdown table gives each group's number
+'random init', encoder, evaluation kind, level, label fraction), so 2D and 3D runs (a ResNet's and a
+3D U-Net's random init, say) can share one table without being pooled; the Markdown table gives each group's number
 of runs n (the seeds), its test-set size and its scores: the value for a single run, mean ± sample
 std for several. A last row gives the chance level of each score, and a bar plot PNG (n and test
 size under each group, chance marked on each bar) is written beside the report.
@@ -18,7 +19,7 @@ import numpy as np
 
 CLASSIFICATION_METRICS = ('accuracy', 'balanced_accuracy', 'auc')
 SEGMENTATION_METRICS = ('dice_mean',)
-GROUP_KEYS = ('method', 'kind', 'level', 'label_fraction')
+GROUP_KEYS = ('method', 'backbone', 'kind', 'level', 'label_fraction')
 # Segmentation is scored per slice (2D) or over whole volumes (3D); its eval.json has no 'level'.
 DEFAULT_LEVEL = {'segment': 'slice', 'segment3d': 'volume'}
 SEGMENTATION_KINDS = tuple(DEFAULT_LEVEL)
@@ -48,11 +49,9 @@ def chance_level(metric: str, num_classes: int | None) -> float | None:
 
 
 def columns(rows: Sequence[dict]) -> list[str]:
-  """Every metric of the table's rows, in first-seen order (classification, then Dice)."""
-  seen = []
-  for row in rows:
-    seen += [m for m in row['metrics'] if m not in seen]
-  return seen
+  """Every metric of the table's rows: classification scores, then Dice, whatever the row order."""
+  present = {m for row in rows for m in row['metrics']}
+  return [m for m in (*CLASSIFICATION_METRICS, *SEGMENTATION_METRICS) if m in present]
 
 
 def read_runs(run_dirs: Sequence[str]) -> list[dict]:
@@ -87,6 +86,8 @@ def summarise(runs: Sequence[dict]) -> list[dict]:
   for run in runs:
     if 'level' not in run and run.get('kind') in DEFAULT_LEVEL:
       run = {**run, 'level': DEFAULT_LEVEL[run['kind']]}
+    # eval.json files written before the encoder was recorded still group (as encoder '?').
+    run = {'backbone': '?', **run}
     missing = [k for k in (*GROUP_KEYS, *metrics_of(run)) if k not in run]
     if missing:
       raise CompareError(f'an eval.json lacks {", ".join(missing)}')
@@ -142,15 +143,16 @@ def _chance_cell(rows: Sequence[dict], metric: str) -> str:
 def markdown_table(rows: Sequence[dict]) -> str:
   """The table: one row per group, then the chance level of every score column."""
   metrics = columns(rows)
-  header = ['method', 'eval', 'level', 'labels', 'n', 'test set', *metrics]
+  header = ['method', 'encoder', 'eval', 'level', 'labels', 'n', 'test set', *metrics]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for r in rows:
-    cells = [r['method'], r['kind'], r['level'], label_percent(r['label_fraction']), str(r['n']),
-             size_text(r)]
+    cells = [r['method'], r['backbone'], r['kind'], r['level'], label_percent(r['label_fraction']),
+             str(r['n']), size_text(r)]
     cells += [_cell(r, m) for m in metrics]
     lines.append('| ' + ' | '.join(cells) + ' |')
-  lines.append('| ' + ' | '.join(['chance', '', '', '', '', '', *(_chance_cell(rows, m)
-                                                                    for m in metrics)]) + ' |')
+  blanks = [''] * (len(header) - len(metrics) - 1)
+  lines.append('| ' + ' | '.join(['chance', *blanks, *(_chance_cell(rows, m) for m in metrics)])
+               + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -204,7 +206,7 @@ def bar_plot(rows: Sequence[dict], path: str) -> None:
                   linewidth=1.2, label=None if chance_drawn else 'chance')
         chance_drawn = True
   ax.set_xticks(positions)
-  ax.set_xticklabels([f'{r["method"]}\n{r["kind"]}, {r["level"]}, '
+  ax.set_xticklabels([f'{r["method"]} ({r["backbone"]})\n{r["kind"]}, {r["level"]}, '
                       f'{label_percent(r["label_fraction"])} labels\n'
                       f'n={r["n"]}, test {size_text(r)}' for r in rows], fontsize=8)
   ax.set_ylim(0, 1)

@@ -64,5 +64,7 @@ for seed in $(seq 0 $((num_seeds - 1))); do
   done
 done
 
+# The report's run folders, one a line: scripts/compare_methods.sh (ARMS='2d 3d') reads them.
+printf '%s\n' "${eval_dirs[@]}" > "${out_dir}/runs.txt"
 "${python}" -m dsset.compare "${eval_dirs[@]}" --out="${out_dir}/report.md"
 echo "Report: ${out_dir}/report.md"

@@ -22,14 +22,21 @@ def test_compare_scripts_are_shellcheck_clean(script):
 @pytest.mark.slow
 def test_compare_methods_script_runs_end_to_end(tmp_path):
   # The configs' :tiny variant for every run and 2 pretraining steps: every method pretrains, every
-  # encoder and the random-init baseline are probed, and the report lists the four of them.
-  env = {**os.environ, 'VARIANT': 'tiny', 'STEPS': '2', 'EXTRA': '', 'PYTHON': sys.executable}
+  # encoder and the random-init baseline are probed, and the report lists the four of them, beside
+  # the 3D arm (one 3D task and its random-init 3D U-Net) in the same table.
+  env = {**os.environ, 'VARIANT': 'tiny', 'STEPS': '2', 'EXTRA': '', 'PYTHON': sys.executable,
+         'ARMS': '2d 3d', 'VARIANT_3D': 'tiny', 'METHODS': 'rotation3d', 'PRETRAIN_STEPS': '2',
+         'SEGMENT_STEPS': '2'}
   proc = subprocess.run(['bash', SCRIPT, str(tmp_path), '1'], capture_output=True, text=True,
                         env=env, cwd=os.path.dirname(os.path.dirname(SCRIPT)), check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   report = (tmp_path / 'report.md').read_text()
-  for method in ('simclr', 'perscan', 'deepset', 'random init'):
-    assert f'| {method} |' in report, report
+  for method in ('simclr', 'perscan', 'deepset'):
+    assert f'| {method} | resnet10 | linear | scan |' in report, report
+  for row in ('| random init | resnet10 | linear | scan |', '| random init | unet3d | linear | scan |',
+              '| rotation3d | unet3d | segment3d | volume | 100 % |'):
+    assert row in report, report
+  assert len((tmp_path / 'runs.txt').read_text().split()) == 4 + 2 * 3
   assert (tmp_path / 'report.png').stat().st_size > 1000
 
 
@@ -41,6 +48,7 @@ def test_compare_3d_script_runs_end_to_end(tmp_path):
                         env=env, cwd=os.path.dirname(os.path.dirname(SCRIPT)), check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   report = (tmp_path / 'report.md').read_text()
-  for row in ('| rotation3d | segment3d | volume | 10 % |', '| random init | segment3d | volume |',
-              '| rotation3d | linear | scan |', '| random init | linear | scan |'):
+  for row in ('| rotation3d | unet3d | segment3d | volume | 10 % |',
+              '| random init | unet3d | segment3d | volume |',
+              '| rotation3d | unet3d | linear | scan |', '| random init | unet3d | linear | scan |'):
     assert row in report, report

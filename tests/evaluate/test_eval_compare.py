@@ -10,10 +10,12 @@ import pytest
 from dsset import compare
 
 
-def _write(path, method, accuracy, seed, kind='linear', test=8, label_fraction=1.0, **extra):
+def _write(path, method, accuracy, seed, kind='linear', test=8, label_fraction=1.0,
+           backbone='resnet10', **extra):
   os.makedirs(path)
   with open(os.path.join(path, 'eval.json'), 'w') as f:
-    json.dump({'method': method, 'kind': kind, 'level': 'scan', 'label_fraction': label_fraction,
+    json.dump({'method': method, 'backbone': backbone, 'kind': kind, 'level': 'scan',
+               'label_fraction': label_fraction,
                'seed': seed, 'accuracy': accuracy, 'balanced_accuracy': accuracy, 'auc': 0.9,
                'num_examples': {'train': 32, 'val': test, 'test': test}, **extra}, f)
   return str(path)
@@ -36,11 +38,11 @@ def test_report_groups_by_method_and_kind(tmp_path):
   assert deepset['accuracy_mean'] == pytest.approx(0.7)
   assert deepset['accuracy_std'] == pytest.approx(0.1414, abs=1e-4)  # sample std of 0.8, 0.6
   text = out.read_text()
-  assert '| method | eval | level | labels | n | test set | accuracy |' in text
-  assert '| deepset | linear | scan | 100 % | 2 | 8 scans | 0.700 ± 0.141 |' in text
+  assert '| method | encoder | eval | level | labels | n | test set | accuracy |' in text
+  assert '| deepset | resnet10 | linear | scan | 100 % | 2 | 8 scans | 0.700 ± 0.141 |' in text
   # One run: its value, no '± 0.000'.
   assert _table_line(text, '| random init |') == (
-      '| random init | linear | scan | 100 % | 1 | 8 scans | 0.250 | 0.250 | 0.900 |')
+      '| random init | resnet10 | linear | scan | 100 % | 1 | 8 scans | 0.250 | 0.250 | 0.900 |')
   assert '4 evaluation runs in 3 groups' in text and '(3 runs)' not in text
   assert 'single run' not in text  # one row has two runs
   assert 'one example moves accuracy by 0.125' in text  # 8 test scans
@@ -60,9 +62,9 @@ def test_single_runs_are_called_noisy_and_chance_comes_from_the_class_count(tmp_
   assert 'Every row is a single run' in text
   assert 'with 8 test examples one example moves accuracy by 0.125' in text
   assert _table_line(text, '| deepset |') == (
-      '| deepset | linear | scan | 100 % | 1 | 8 scans | 0.250 | 0.250 | 0.900 |')
-  assert '| random init | linear | scan | 10 % | 1 | 8 scans | 0.375 |' in text
-  assert _table_line(text, '| chance |') == '| chance |  |  |  |  |  | 0.250 | 0.250 | 0.500 |'
+      '| deepset | resnet10 | linear | scan | 100 % | 1 | 8 scans | 0.250 | 0.250 | 0.900 |')
+  assert '| random init | resnet10 | linear | scan | 10 % | 1 | 8 scans | 0.375 |' in text
+  assert _table_line(text, '| chance |') == '| chance |  |  |  |  |  |  | 0.250 | 0.250 | 0.500 |'
   assert '±' not in _table_line(text, '| deepset |')
 
 
@@ -71,7 +73,7 @@ def test_without_a_class_count_only_the_auc_chance_is_given(tmp_path):
   rows = compare.write_report([_write(tmp_path / 'a', 'deepset', 0.5, 0, test=30)], str(out))
   assert rows[0]['accuracy_chance'] is None and rows[0]['auc_chance'] == 0.5
   text = out.read_text()
-  assert _table_line(text, '| chance |') == '| chance |  |  |  |  |  | ? | ? | 0.500 |'
+  assert _table_line(text, '| chance |') == '| chance |  |  |  |  |  |  | ? | ? | 0.500 |'
   assert 'class count is not recorded' in text
   assert '| 30 scans |' in text
 
@@ -108,10 +110,10 @@ def test_segmentation_runs_get_a_dice_column(tmp_path):
   out = tmp_path / 'report.md'
   compare.write_report(runs, str(out))
   text = out.read_text()
-  assert ('| method | eval | level | labels | n | test set | accuracy | balanced_accuracy | auc '
+  assert ('| method | encoder | eval | level | labels | n | test set | accuracy | balanced_accuracy | auc '
           '| dice_mean |') in text
-  assert '| deepset | segment | slice | 100 % | 1 | 48 slices | - | - | - | 0.520 |' in text
-  assert '| deepset | linear | scan | 100 % | 1 | 8 scans | 0.800 | 0.800 | 0.900 | - |' in text
+  assert '| deepset | ? | segment | slice | 100 % | 1 | 48 slices | - | - | - | 0.520 |' in text
+  assert '| deepset | resnet10 | linear | scan | 100 % | 1 | 8 scans | 0.800 | 0.800 | 0.900 | - |' in text
   assert _table_line(text, '| chance |').endswith('| ? | ? | 0.500 | - |')
 
 
@@ -125,4 +127,16 @@ def test_3d_segmentation_runs_are_whole_volumes(tmp_path):
                'num_examples': {'train': 3, 'test': 8}}, f)
   out = tmp_path / 'report.md'
   compare.write_report([str(seg)], str(out))
-  assert '| rotation3d | segment3d | volume | 10 % | 1 | 8 scans | 0.250 |' in out.read_text()
+  assert '| rotation3d | ? | segment3d | volume | 10 % | 1 | 8 scans | 0.250 |' in out.read_text()
+
+
+def test_2d_and_3d_encoders_are_separate_rows(tmp_path):
+  # A ResNet's and a 3D U-Net's random init are different baselines: one table, two rows.
+  runs = [_write(tmp_path / 'r2d', 'random init', 0.5, 0),
+          _write(tmp_path / 'r3d', 'random init', 0.25, 0, backbone='unet3d'),
+          _write(tmp_path / 'r3d1', 'random init', 0.75, 1, backbone='unet3d')]
+  rows = compare.write_report(runs, str(tmp_path / 'report.md'))
+  assert [(r['backbone'], r['n'], r['accuracy_mean']) for r in rows] == [
+      ('resnet10', 1, 0.5), ('unet3d', 2, 0.5)]
+  text = (tmp_path / 'report.md').read_text()
+  assert '| random init | unet3d | linear | scan | 100 % | 2 | 8 scans | 0.500 ± 0.354 |' in text
