@@ -1,6 +1,7 @@
 """2D ResNets in torchvision's layout, without the classifier, for grey (or RGB) slices.
 
-`ResNet(...).apply(variables, x, train=...)` maps images [N, H, W, C] to features [N, D] (float32).
+`ResNet(...).apply(variables, x, train=...)` maps images [N, H, W, C] to features [N, D] (float32);
+`method=ResNet.features_and_stage_pools` also gives every stage's pooled output, same variables.
 The number of input channels is taken from the input, so single-channel scans need no repetition.
 """
 
@@ -13,6 +14,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from dsset.models.layers import Conv, Layers, Padding
+
+
+def _global_average_pool(x: jax.Array) -> jax.Array:
+  """[N, h, w, c] in any dtype -> float32 [N, c], averaged in float32."""
+  return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 def _pad(kernel: int) -> Padding:
@@ -116,7 +122,19 @@ class ResNet(nn.Module):
       maps.append(x)
     if stages:
       return maps
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return _global_average_pool(x)
+
+  def features_and_stage_pools(self, x: jax.Array, train: bool = False,
+                               mask: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+    """Encodes images once and returns the features together with every stage's pooled output.
+
+    Same arguments and variables as calling the module. Returns (features [N, num_features], the
+    same as the call returns, and [pool of stage 1, ..., stage S], each float32 [N, stage width])
+    from ONE forward pass; the last pool is the features. The slice embedding of
+    dsset.models.slice_transformer concatenates them.
+    """
+    pools = [_global_average_pool(m) for m in self(x, train, mask, stages=True)[1:]]
+    return pools[-1], pools
 
 
 # ResNet-10 (one basic block per stage) is not in torchvision; it is a quick model for laptops and
