@@ -39,7 +39,13 @@ def get_config(arg=None):
   c.data.channels = 1  # 1 = grey scans as they are; 3 = grey repeated to RGB (reference code).
   c.data.set_size = 3  # K: slices per set (DS-SimCLR). simclr/perscan use 1.
   c.data.window = 0.5  # omega: window width as a fraction of the scan's slices.
-  c.data.variable_set_size = False  # pad sets of short scans and mask the missing slices.
+  # A DS-SimCLR set from a scan with fewer than K slices: 'repeat' (the reference code: K indices
+  # rounded down from linspace over the window, some repeated) | 'pad' (min(n, K) slices, the rest
+  # of the set padded and masked out).
+  c.data.short_scans = 'repeat'
+  # Every source leaves out scans with fewer slices, whatever the method; set it to K to leave out
+  # the scans too short for a set for SimCLR and PS-SimCLR as well (the same scans for every method).
+  c.data.min_slices = 1
   c.data.slice_axis = 'axial'  # 'axial' | 'coronal' | 'sagittal' (after RAS reorientation).
   # Intensity policy: 'auto' (chosen per source from a few scans: 'ct' when HU-like, else 'mri',
   # or 'minmax' for PNG/.npz; docs/data.md) | 'ct' (HU window -> [0, 1]) | 'mri' (percentile
@@ -89,14 +95,23 @@ def get_config(arg=None):
   c.data.phantom.seed = 0
   c.data.phantom.noise_hu = 15.0  # Gaussian noise (HU) added to every phantom voxel.
 
+  # 2D pretraining, on the device (dsset.augment), SimCLR's recipe as the reference code applies it.
   c.augment = ml_collections.ConfigDict()
+  # The random resized crop is cut from the slice shipped at S = max(data.image_size,
+  # min(crop_source_size, the source's largest slice edge where it knows it: phantom, .npz)) pixels
+  # square and then resized to data.image_size, so small crops keep detail as in the reference,
+  # which crops the slice at its native size. The cap bounds host memory (a batch is
+  # B x 2 x K x S^2 x channels bytes); 0 (or <= image_size) crops from the image_size slice.
+  c.augment.crop_source_size = 256
   c.augment.crop_scale = (0.08, 1.0)
   c.augment.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
   c.augment.flip_prob = 0.5
-  c.augment.jitter_strength = 0.8
+  # s: brightness and contrast factors uniform in [max(0, 1 - 0.8 s), 1 + 0.8 s]; s = 1 is the
+  # reference's ColorJitter(brightness=0.8, contrast=0.8), factors in [0.2, 1.8].
+  c.augment.jitter_strength = 1.0
   c.augment.jitter_prob = 0.8
   c.augment.blur_prob = 0.5
-  c.augment.blur_sigma = (0.1, 2.0)
+  c.augment.blur_sigma = (0.1, 2.0)  # output pixels; the kernel reaches 3 x the upper bound each side.
 
   # 3D methods, on the device (dsset.augment3d): flips per axis, right-angle turns in each plane,
   # then intensity * scale + shift. rotation3d turns off the geometric part (its pretext is the
@@ -115,6 +130,10 @@ def get_config(arg=None):
   c.model.width_multiplier = 1.0
   c.model.pooling = 'sum'  # set pooling: 'sum' | 'mean'
   c.model.rho = False  # Deep Set rho MLP after pooling.
+  # How the two views of a pair meet BatchNorm (contrastive and clustering methods): 'separate'
+  # (the DS-SimCLR reference code: one model call per view, so each view is normalised by its own
+  # batch statistics) | 'joint' (one call on both views' 2B rows; SwAV's and DeepCluster-v2's code).
+  c.model.batch_norm_views = 'separate'
   c.model.head_hidden = 2048
   c.model.head_out = 128
   c.model.unet3d = ml_collections.ConfigDict()
@@ -135,11 +154,18 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32  # global: scans (or slices) per step across all devices.
   c.train.num_steps = 300
+  # > 0: train this many epochs instead of train.num_steps. An epoch is one pass over the method's
+  # train records: the slices of all train scans for the 2D slice methods (simclr, perscan, deepset,
+  # swav, deepcluster_v2; the reference's epoch, whatever the sampler draws), the scans for the 3D
+  # methods, the labelled train examples for downstream runs; ceil(records / train.batch_size) steps.
+  # Converted once when the train data is read, printed, and stored as train.num_steps in config.json.
+  c.train.num_epochs = 0
   c.train.optimizer = 'adam'  # 'adam' | 'sgd' | 'lars'
   c.train.learning_rate = 1e-3
   c.train.momentum = 0.9
   c.train.weight_decay = 1e-6
   c.train.warmup_steps = 30
+  c.train.warmup_epochs = 0  # > 0: a warm-up of this many epochs instead of train.warmup_steps.
   c.train.schedule = 'cosine'  # 'cosine' | 'constant'
   c.train.grad_clip_norm = 0.0  # 0 = off.
   c.train.log_every_steps = 10
@@ -172,6 +198,13 @@ def get_config(arg=None):
   c.evaluate.scan_features = 'mean'
   c.evaluate.label_fraction = 1.0  # share of the labelled train scans used (stratified, seeded).
   c.evaluate.batch_size = 64  # images per encoder call during feature extraction and prediction.
+  # Frozen-feature runs (linear, knn, embed): before extracting features, set every BatchNorm's
+  # running mean and variance to the exact ones of its inputs over the train split's images (all
+  # its scans, labelled or not), passed through the encoder in train mode in batches of
+  # evaluate.batch_size (a cumulative average over the batches, not a moving one). A random-init
+  # encoder's statistics are 0 and 1 and scale its eval-mode features badly.
+  # 'random_init' (only when init_from is '') | 'always' | 'never'. eval.json records the choice.
+  c.evaluate.recompute_batch_stats = 'random_init'
   c.evaluate.weight_decays = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # linear probe L2 grid, chosen on val.
   c.evaluate.knn_k = 20
   c.evaluate.knn_temperature = 0.07  # vote weight exp(cosine / T), as in InstDisc and DINO.
@@ -200,7 +233,9 @@ def downstream_training(c, arg, *, num_steps: int, batch_size: int, learning_rat
   c.train.optimizer = optimizer
   c.train.weight_decay = weight_decay
   c.train.schedule = 'constant'
+  c.train.num_epochs = 0
   c.train.warmup_steps = 0
+  c.train.warmup_epochs = 0
   c.train.grad_clip_norm = 0.0
   c.train.log_every_steps = 1 if arg == 'tiny' else 10
   c.monitor.enabled = False
@@ -211,22 +246,42 @@ def downstream_training(c, arg, *, num_steps: int, batch_size: int, learning_rat
 
 
 def paper_settings(c) -> None:
-  """DS-SimCLR's reference settings: ResNet-50, 128 px, K = 3, omega = 0.5, batch 32, Adam with
-  warm-up and cosine decay, temperature 0.5.
+  """DS-SimCLR's reference settings: configs/example.yaml of the authors' code
+  (DavidTorpey/deepset-simclr) with the defaults its training code fills in.
 
-  The paper trains 100 epochs with 1 warm-up epoch; with the phantom's 32 training scans an epoch
-  is one step of 32 scans. For your data set train.num_steps = 100 * scans / 32 and
-  train.warmup_steps = scans / 32.
+  ResNet-50, 128 px, K = 3, omega = 0.5, rho on (the yaml's dedicated_deepset_mlp; deepset.py sets
+  it, the reference's SimCLR model has none), batch 32, each view through the model on its own
+  (per-view BatchNorm statistics), NT-Xent at temperature 0.5 (lightly's NTXentLoss default), Adam
+  with L2 weight decay 1e-10, 100 epochs: a linear warm-up from 0 over 1 epoch (the code's default
+  warmup_epochs), then cosine decay to 0, set per step. The reference's dataset has one item per
+  slice file (each item draws a random scan), so its epoch is ceil(train slices / 32) steps for
+  every 2D method (train.num_epochs; the reference drops the last partial batch, one step less
+  when 32 does not divide the slices). The 3D configs' :paper keeps these epochs, over scans.
+
+  Where the reference cannot be followed as written:
+  - train.learning_rate 1e-3, not the yaml's 0.07 (--config.train.learning_rate=0.07 restores it).
+    Adam moves every weight by about the learning rate each step whatever its gradient's scale,
+    and 0.07 is as large as ResNet-50's initial weights (kaiming std sqrt(2 / fan_out), 0.02 to
+    0.18), so the first steps would erase the initialisation: 0.07 reads as a value carried over
+    from an SGD/LARS recipe. 1e-3 is Adam's usual rate and this project's default (the reference
+    code's own default, used when a yaml sets none, is 3e-4).
+  - data.channels 1: the reference repeats grey slices to RGB and uses ImageNet's normalisation;
+    data.channels=3 repeats them (the normalisation stays this project's).
+  - The weight decay skips biases and BatchNorm parameters (torch's Adam decays all); at 1e-10
+    neither changes anything.
   """
   c.model.backbone = 'resnet50'
+  c.model.batch_norm_views = 'separate'
   c.data.image_size = 128
   c.data.set_size = 3
   c.data.window = 0.5
   c.train.batch_size = 32
   c.train.optimizer = 'adam'
+  c.train.learning_rate = 1e-3
+  c.train.weight_decay = 1e-10
   c.train.schedule = 'cosine'
-  c.train.num_steps = 100
-  c.train.warmup_steps = 1
+  c.train.num_epochs = 100
+  c.train.warmup_epochs = 1
   c.loss.temperature = 0.5
 
 
@@ -288,5 +343,7 @@ def vissl_paper_settings(c) -> None:
   c.train.optimizer = 'lars'
   c.train.learning_rate = 0.3
   c.train.weight_decay = 1e-6
+  c.train.num_epochs = 0  # steps, not paper_settings' epochs
   c.train.num_steps = 1000
+  c.train.warmup_epochs = 0
   c.train.warmup_steps = 100

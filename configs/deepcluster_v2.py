@@ -16,8 +16,8 @@ Variants:
   ''       3 x 3000 clusters, 144 phantom scans.
   paper    the VISSL recipe as far as this project goes: ResNet-50, 3 x 3000, LARS with 0.3 per 256
            examples (batch 256), weight decay 1e-6, two 224 px views (grey slices resized to 224;
-           multi-crop's small views are not implemented). Set train.num_steps to epochs * train
-           slices / 256.
+           multi-crop's small views are not implemented). Set train.num_epochs (epochs over the
+           train slices).
   compare  the shared comparison settings (configs/base.py compare_settings), 3 x 3000 clusters.
   tiny     12 phantom scans (48 train slices: 6 steps an epoch), 2 x 8 clusters, 3 k-means rounds,
            14 steps (bank filled, then two k-means epochs).
@@ -32,6 +32,8 @@ def get_config(arg=None):
   config = base.get_config(arg)
   config.method = 'deepcluster_v2'
   config.data.set_size = 1
+  # SwAV's code (DeepCluster-v2's too) runs the views of one size through the model in one call.
+  config.model.batch_norm_views = 'joint'
   config.deepcluster = ml_collections.ConfigDict()
   d = config.deepcluster
   d.num_prototypes = (3000, 3000, 3000)

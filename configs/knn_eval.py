@@ -3,8 +3,8 @@ weight exp(cos / T) (python -m dsset.main --config=configs/knn_eval.py --workdir
 --config.init_from=PRETRAIN_DIR; an empty init_from evaluates a random-init encoder). Nothing is
 trained. Writes EVAL_DIR/eval.json and plots.
 
-Keys: init_from, evaluate.level, evaluate.scan_features, evaluate.label_fraction and
-evaluate.batch_size as in linear_eval.py, and
+Keys: init_from, evaluate.level, evaluate.scan_features, evaluate.label_fraction,
+evaluate.batch_size and evaluate.recompute_batch_stats as in linear_eval.py, and
   evaluate.knn_k            neighbours that vote (20).
   evaluate.knn_temperature  T of the vote weights (0.07, as InstDisc and DINO).
 """

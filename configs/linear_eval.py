@@ -9,6 +9,8 @@ Use the variant of the pretraining run (:compare, :paper, :tiny) so data and enc
   evaluate.label_fraction   share of the labelled train scans, stratified and seeded by config.seed.
   evaluate.weight_decays    the L2 grid; one probe per value is trained and val picks one.
   evaluate.batch_size       images per encoder call while extracting features.
+  evaluate.recompute_batch_stats  'random_init' (default) | 'always' | 'never': first set the
+                            encoder's BatchNorm running statistics to those of the train images.
   train.num_steps / learning_rate / batch_size   the probe's Adam steps; full batch while the train
                             examples fit in train.batch_size.
 """

@@ -15,7 +15,7 @@ Variants:
   paper    the VISSL/SwAV ImageNet recipe as far as this project goes: ResNet-50, 3000 prototypes,
            LARS with 0.3 per 256 examples (batch 256, so 0.3), weight decay 1e-6, queue 3840,
            prototypes frozen 313 steps, two 224 px views (grey slices resized to 224; multi-crop's
-           small views are not implemented). Set train.num_steps to epochs * train slices / 256.
+           small views are not implemented). Set train.num_epochs (epochs over the train slices).
   compare  the shared comparison settings (configs/base.py compare_settings) with a queue of 1024.
   tiny     16 prototypes and a queue of 16, for tests.
 """
@@ -29,6 +29,8 @@ def get_config(arg=None):
   config = base.get_config(arg)
   config.method = 'swav'
   config.data.set_size = 1
+  # SwAV's code (DeepCluster-v2's too) runs the views of one size through the model in one call.
+  config.model.batch_norm_views = 'joint'
   config.swav = ml_collections.ConfigDict()
   s = config.swav
   s.num_prototypes = 3000

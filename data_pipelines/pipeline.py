@@ -83,8 +83,8 @@ def make_train_iterator(config, sampler: samplers.ViewSampler, *,
   """Infinite iterator of host-local training batches; checkpointable with get_state/set_state.
 
   Each batch: views uint8 [B, 2, K, H, W, C], mask bool [B, 2, K], scan_id int32 [B],
-  label int32 [B], with B = train.batch_size // process_count. Process index and count default to
-  JAX's.
+  label int32 [B], with B = train.batch_size // process_count and H = W = the sampler's ship_size.
+  Process index and count default to JAX's.
   """
   if process_index is None or process_count is None:
     import jax  # Imported only here: the data pipeline itself does not need JAX.

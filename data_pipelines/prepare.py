@@ -35,7 +35,7 @@ from data_pipelines.tfds_builder import NAME, VERSION, DssetScans
 
 # data keys that only change how training reads data, not the prepared volumes; any other change
 # makes an unfinished .partial folder stale.
-_READ_TIME_KEYS = ('image_size', 'channels', 'set_size', 'window', 'variable_set_size',
+_READ_TIME_KEYS = ('image_size', 'channels', 'set_size', 'window', 'short_scans', 'min_slices',
                    'num_workers', 'prefetch_buffer', 'decoded_cache_scans', 'cache_dir',
                    'cache_max_gb', 'on_bad_scan')
 
@@ -153,8 +153,8 @@ def prepare(config, out: str) -> Summary:
   """
   data_config = config.data.copy_and_resolve_references()
   with data_config.unlocked():
-    # Keep scans shorter than one set: the set size is chosen when training reads the dataset.
-    data_config.variable_set_size = True
+    # Keep every scan: the tfds source applies data.min_slices when training reads the dataset.
+    data_config.min_slices = 1
   if data_config.source == 'tfds':
     raise DataError('config key data.source=tfds is already a prepared dataset; prepare reads '
                     'another source (nifti, dicom, png, npz, datalist, phantom)')

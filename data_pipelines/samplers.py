@@ -7,14 +7,23 @@ With n the slices of a scan and w = ceil(omega * n):
 - perscan: i ~ U{0, ..., n - w - 1}; the views are slices i and i + w. A scan with n < 5 falls back
   to simclr: one slice of the scan, uniformly, twice.
 - deepset: each view independently: i ~ U{0, ..., n - w - 1}, indices = floor(linspace(i, i + w, K)).
+  A scan with n < K follows data.short_scans: 'repeat' (default) keeps these K indices, some of them
+  repeated, as the reference code does, so every set holds K real slices; 'pad' takes min(n, K)
+  indices by the same rule and pads the set to K with mask False (the padded images are zero).
+  Leaving short scans out is the sources' job (data.min_slices), so that every method leaves out
+  the same scans.
 
 w is clamped to n - 1 (the window then covers the whole scan, i = 0) so that the range of i is never
-empty; this only matters when omega * n rounds up to n. ceil ignores floating-point error below 1e-9
-(0.1 * 30 is 3.0000000000000004 in floats, and means w = 3). With data.variable_set_size, a scan with
-n < K gives sets of n slices padded to K with mask False (the padded images are zero).
+empty; this only matters when omega * n rounds up to n (the reference code then puts every index of
+a set on slice 0). ceil ignores floating-point error below 1e-9 (0.1 * 30 is 3.0000000000000004 in
+floats, and means w = 3; the reference's ceil gives 4). With omega = 0.5, the reference's value,
+neither difference can occur and the sets are the reference's for every n.
 
-Chosen slices are resized, whole, to a square of data.image_size (bilinear with Pillow's
-antialiasing, aspect not kept), quantised to uint8 (round(x * 255)) and repeated to data.channels.
+Chosen slices are resized, whole, to a square of the ship size S (ship_size: data.image_size, or
+larger up to augment.crop_source_size, so that the device cuts its random crop from a sharper
+slice), bilinear with Pillow's antialiasing, aspect not kept, quantised to uint8 (round(x * 255))
+and repeated to data.channels. Evaluation slices (scan_slices, labelled_slices) are resized to
+data.image_size.
 Randomness comes only from the generator Grain passes to random_map, which Grain derives from (seed,
 position in the repeated stream), so a restored iterator reproduces the same batches.
 
@@ -48,6 +57,8 @@ PERSCAN_MIN_SLICES = 5
 
 # data.on_bad_scan values: replace an example whose scan fails to decode, or stop the run.
 ON_BAD_SCAN = ('skip', 'stop')
+# data.short_scans values: how a DS-SimCLR set is made from a scan with fewer than K slices.
+SHORT_SCANS = ('repeat', 'pad')
 # Bad scans named in the DataError raised when no scan at all reads.
 _NAMED_WHEN_NONE_READS = 3
 
@@ -68,15 +79,16 @@ def perscan_indices(num_slices: int, omega: float, rng: np.random.Generator) -> 
   return start, start + width
 
 
-def set_indices(num_slices: int, omega: float, set_size: int,
+def set_indices(num_slices: int, omega: float, size: int,
                 rng: np.random.Generator) -> np.ndarray:
-  """Slice indices of one DS-SimCLR set: K evenly spaced slices of a random window.
+  """Slice indices of one DS-SimCLR set: `size` evenly spaced slices of a random window.
 
-  A scan shorter than K gives min(K, n) indices (the caller pads and masks the rest).
+  Rounded down like the reference code (DavidTorpey/deepset-simclr, src/data/dataset.py, which
+  truncates linspace over its window to integers), so a window of fewer than `size` slices repeats
+  some of them: K = 3 on a 2-slice scan gives slices 0, 0, 1.
   """
   width = window_width(num_slices, omega)
   start = int(rng.integers(num_slices - width))
-  size = min(set_size, num_slices)
   return np.floor(np.linspace(start, start + width, size)).astype(np.int64)
 
 
@@ -98,19 +110,35 @@ def resize_slice(image: np.ndarray, image_size: int, channels: int) -> np.ndarra
   return np.repeat(quantised[:, :, None], channels, axis=2)
 
 
+def ship_size(source: ScanSource, image_size: int, crop_source_size: int) -> int:
+  """S, the side of the square every pretraining slice of the run is shipped at.
+
+  S = max(image_size, min(crop_source_size, E)), E = source.max_slice_edge (the largest row or
+  column count of its slices) where the source knows it without decoding a scan, else no limit.
+  One S for the whole run, since a batch has one shape; the cap bounds host memory and transfer;
+  E keeps S from upsampling slices beyond their native size, which would only add cost (the device
+  interpolates the crop anyway). crop_source_size <= image_size ships at image_size.
+  """
+  edge = getattr(source, 'max_slice_edge', None)
+  cap = crop_source_size if edge is None else min(crop_source_size, int(edge))
+  return max(image_size, cap)
+
+
 class ViewSampler:
   """Reads chosen slices of a scan and lays out one example of the batch contract.
 
   Records are scan indices unless a subclass says otherwise (num_records, _candidates). Subclasses
   implement _draw(candidate, rng) and call _sample(record, rng), which applies data.on_bad_scan.
+  Slices are shipped at ship_size(source, image_size, crop_source_size); the default 0 ships them
+  at image_size.
   """
 
   def __init__(self, source: ScanSource, image_size: int, channels: int, set_size: int,
-               on_bad_scan: str = 'skip'):
+               on_bad_scan: str = 'skip', crop_source_size: int = 0):
     if on_bad_scan not in ON_BAD_SCAN:
       raise DataError(f'config key data.on_bad_scan={on_bad_scan!r} is not one of {ON_BAD_SCAN}')
     self._source = source
-    self._image_size = image_size
+    self._ship_size = ship_size(source, image_size, crop_source_size)
     self._channels = channels
     self._set_size = set_size
     self._on_bad_scan = on_bad_scan
@@ -132,6 +160,11 @@ class ViewSampler:
   @property
   def num_records(self) -> int:
     return len(self._source)
+
+  @property
+  def ship_size(self) -> int:
+    """Side of the square slices of every example (ship_size)."""
+    return self._ship_size
 
   @property
   def bad_scans(self) -> dict[int, str]:
@@ -200,7 +233,7 @@ class ViewSampler:
     return None if name is None else str(name)
 
   def _example(self, scan_index: int, scan: Scan, views: Sequence[np.ndarray]) -> dict:
-    size, channels, k = self._image_size, self._channels, self._set_size
+    size, channels, k = self._ship_size, self._channels, self._set_size
     images = np.zeros((2, k, size, size, channels), dtype=np.uint8)
     mask = np.zeros((2, k), dtype=bool)
     # One read of the distinct slices of both views: a memory-mapped volume reads only these.
@@ -221,8 +254,9 @@ class SimclrSampler(ViewSampler, grain.transforms.Map):
   """
 
   def __init__(self, source: ScanSource, image_size: int, channels: int,
-               on_bad_scan: str = 'skip'):
-    super().__init__(source, image_size, channels, set_size=1, on_bad_scan=on_bad_scan)
+               on_bad_scan: str = 'skip', crop_source_size: int = 0):
+    super().__init__(source, image_size, channels, set_size=1, on_bad_scan=on_bad_scan,
+                     crop_source_size=crop_source_size)
     # offsets[s] = index of the first slice of scan s in the flat record space.
     self._offsets = np.concatenate([[0], np.cumsum(slice_counts(source))])
 
@@ -258,8 +292,9 @@ class PerScanSampler(ViewSampler, grain.transforms.RandomMap):
   """perscan: record = scan index; views are slices i and i + w (simclr under 5 slices)."""
 
   def __init__(self, source: ScanSource, image_size: int, channels: int, omega: float,
-               on_bad_scan: str = 'skip'):
-    super().__init__(source, image_size, channels, set_size=1, on_bad_scan=on_bad_scan)
+               on_bad_scan: str = 'skip', crop_source_size: int = 0):
+    super().__init__(source, image_size, channels, set_size=1, on_bad_scan=on_bad_scan,
+                     crop_source_size=crop_source_size)
     self._omega = omega
 
   def _draw(self, candidate, rng) -> dict:
@@ -275,18 +310,21 @@ class DeepSetSampler(ViewSampler, grain.transforms.RandomMap):
   """deepset: record = scan index; two independent windows of K evenly spaced slices."""
 
   def __init__(self, source: ScanSource, image_size: int, channels: int, omega: float,
-               set_size: int, variable_set_size: bool, on_bad_scan: str = 'skip'):
-    super().__init__(source, image_size, channels, set_size=set_size, on_bad_scan=on_bad_scan)
+               set_size: int, short_scans: str = 'repeat', on_bad_scan: str = 'skip',
+               crop_source_size: int = 0):
+    super().__init__(source, image_size, channels, set_size=set_size, on_bad_scan=on_bad_scan,
+                     crop_source_size=crop_source_size)
+    if short_scans not in SHORT_SCANS:
+      raise DataError(f'config key data.short_scans={short_scans!r} is not one of {SHORT_SCANS}')
     self._omega = omega
-    self._variable_set_size = variable_set_size
+    self._short_scans = short_scans
 
   def _draw(self, candidate, rng) -> dict:
     scan = self._source[candidate]
-    if scan.num_slices < self._set_size and not self._variable_set_size:
-      # Sources drop such scans when they are built; this guards sources that cannot know.
-      raise DataError(f'{scan.scan_id}: {scan.num_slices} slices, fewer than data.set_size='
-                      f'{self._set_size} (set data.variable_set_size=True to pad)')
-    views = [set_indices(scan.num_slices, self._omega, self._set_size, rng) for _ in range(2)]
+    size = self._set_size
+    if self._short_scans == 'pad':
+      size = min(size, scan.num_slices)  # _example masks the rest of the set
+    views = [set_indices(scan.num_slices, self._omega, size, rng) for _ in range(2)]
     return self._example(candidate, scan, views)
 
   def random_map(self, element: int, rng: np.random.Generator) -> dict:

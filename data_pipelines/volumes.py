@@ -20,6 +20,9 @@ tiles are put back together by assemble_tiles.
 
 Intensities arrive in [0, 1] from the source's intensity policy (the one the 2D path uses) and are
 shipped as uint8 (round(x * 255)), one channel: volumes [S, S, S, 1].
+
+Intra-inter clustering reads stacks of whole slices instead (SliceStackSampler): T consecutive
+slices along the slice axis, crop-or-padded, each resized like a 2D method's slice.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import grain
 import numpy as np
 
 from data_pipelines.errors import DataError
-from data_pipelines.samplers import ViewSampler
+from data_pipelines.samplers import ViewSampler, resize_slice
 from data_pipelines.sources.base import Scan, ScanSource
 
 
@@ -205,6 +208,60 @@ class VolumeSampler(ViewSampler, grain.transforms.RandomMap):
         raise DataError(f'scan {scan.scan_id}: mask id {int(mask.max())} is above 255')
       example['mask'] = mask.astype(np.uint8)
     return example
+
+  def random_map(self, element: int, rng: np.random.Generator) -> dict:
+    return self._sample(int(element), rng)
+
+
+def stack_indices(num_slices: int, length: int, rng: np.random.Generator | None) -> np.ndarray:
+  """Which scan slice fills each of the `length` positions of a slice stack: int64 [length], -1
+  for a padded position.
+
+  Crop-or-pad along the slice axis: a scan with at least `length` slices gives `length`
+  consecutive ones, starting uniformly at random (rng) or centred (None, rounded down); a shorter
+  scan keeps all its slices, in order, at a random offset (rng) or centred, the other positions
+  padded.
+  """
+  room = abs(num_slices - length)  # start positions beyond the first, of crop or scan
+  shift = room // 2 if rng is None else int(rng.integers(room + 1))
+  if num_slices >= length:
+    return np.arange(shift, shift + length)
+  indices = np.full(length, -1, np.int64)
+  indices[shift:shift + num_slices] = np.arange(num_slices)
+  return indices
+
+
+class SliceStackSampler(ViewSampler, grain.transforms.RandomMap):
+  """Intra-inter clustering's examples (dsset.methods.intra_inter): record = scan index; a stack
+  of data.num_slices = T slices of the scan along its slice axis (stack_indices: a random run of
+  T consecutive slices, or the whole scan padded to T).
+
+  Each slice is resized whole to image_size x image_size as the 2D samplers do (resize_slice).
+  Padded positions are zero images, the value of air after the CT window and of background after
+  the MRI mapping (and TorchIO's CropOrPad default, which the released code uses); repeating the
+  edge slice instead would make up anatomy, and copies the masked-embedding task could predict
+  trivially. `valid` marks the real slices.
+
+  Example: slices uint8 [T, image_size, image_size, channels], valid bool [T], label int32,
+  scan_id int32, replaced int32. Bad scans follow data.on_bad_scan as in the 2D samplers.
+  """
+
+  def __init__(self, source: ScanSource, num_slices: int, image_size: int, channels: int,
+               on_bad_scan: str = 'skip'):
+    super().__init__(source, image_size, channels, set_size=num_slices, on_bad_scan=on_bad_scan)
+    self._image_size = int(image_size)
+
+  def _draw(self, candidate, rng) -> dict:
+    scan = self._source[candidate]
+    indices = stack_indices(scan.num_slices, self._set_size, rng)
+    valid = indices >= 0
+    size, channels = self._image_size, self._channels
+    slices = np.zeros((self._set_size, size, size, channels), np.uint8)
+    # One read of just these slices: a memory-mapped volume reads nothing else.
+    for position, image in zip(np.flatnonzero(valid), np.asarray(scan.volume[indices[valid]])):
+      slices[position] = resize_slice(image, size, channels)
+    return {'slices': slices, 'valid': valid, 'scan_id': np.int32(candidate),
+            'label': np.int32(scan.label)}
 
   def random_map(self, element: int, rng: np.random.Generator) -> dict:
     return self._sample(int(element), rng)

@@ -6,10 +6,16 @@ a pair of blur matrices. The order follows SimCLR's torchvision pipeline: random
 horizontal flip, brightness/contrast jitter, Gaussian blur. Saturation, hue and random grayscale are
 no-ops on grey images and are left out.
 
+In pretraining the crop box is cut from the slices as the host ships them, at the ship size S
+(data_pipelines.samplers.ship_size, capped by augment.crop_source_size), and only the box is resized
+to the model's input size: a small crop keeps the detail of the larger slice, as in the reference,
+which cuts it from the slice at its native resolution.
+
 aug_config is the `augment` section of configs/base.py; its values are read when tracing.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -75,14 +81,20 @@ def resize_matrix(start: jax.Array, length: jax.Array, in_size: int, out_size: i
   return weights / jnp.sum(weights, axis=1, keepdims=True)
 
 
-def blur_kernel_size(image_size: int) -> int:
-  """Odd Gaussian kernel size, about 10% of the image side (SimCLR), at least 3."""
-  return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+def blur_radius(image_size: int, max_sigma: float) -> int:
+  """Half-width of the Gaussian kernel: 3 max_sigma, capped at image_size - 1.
+
+  Not torchvision's 10 % of the image side: below 128 px that truncates sigma 2 short of 3 sigma
+  (at 1.5 sigma with its 7 taps at 64 px), whereas the reference blurs with PIL, which does not
+  truncate. 3 sigma keeps all but 0.3 % of the Gaussian's mass; image_size - 1 is the widest
+  kernel that one reflection can pad.
+  """
+  return min(image_size - 1, math.ceil(3.0 * max_sigma))
 
 
-def blur_matrix(sigma: jax.Array, size: int) -> jax.Array:
-  """[size, size] matrix of a 1D Gaussian blur with reflect padding (torchvision's GaussianBlur)."""
-  radius = blur_kernel_size(size) // 2
+def blur_matrix(sigma: jax.Array, size: int, radius: int) -> jax.Array:
+  """[size, size] matrix of a 1D Gaussian blur with 2 radius + 1 taps and reflect padding
+  (torchvision's GaussianBlur); radius <= size - 1."""
   taps = np.arange(-radius, radius + 1)
   # Static one-hot map from (output pixel, tap) to the reflected source pixel.
   source = np.arange(size)[:, None] + taps[None, :]
@@ -94,13 +106,17 @@ def blur_matrix(sigma: jax.Array, size: int) -> jax.Array:
   return jnp.einsum('t,ots->os', weights, one_hot)
 
 
+def jitter_factors(key: jax.Array, strength: float) -> jax.Array:
+  """[2] (brightness, contrast) factors of torchvision's ColorJitter(brightness=0.8 s,
+  contrast=0.8 s): each uniform in [max(0, 1 - 0.8 s), 1 + 0.8 s], s = strength."""
+  spread = 0.8 * strength
+  return jax.random.uniform(key, (2,), minval=max(0.0, 1.0 - spread), maxval=1.0 + spread)
+
+
 def _jitter(key: jax.Array, image: jax.Array, strength: float) -> jax.Array:
   """torchvision ColorJitter(brightness=0.8 s, contrast=0.8 s) on one grey image, random order."""
-  brightness_key, contrast_key, order_key = jax.random.split(key, 3)
-  spread = 0.8 * strength
-  low, high = max(0.0, 1.0 - spread), 1.0 + spread
-  brightness = jax.random.uniform(brightness_key, minval=low, maxval=high)
-  contrast = jax.random.uniform(contrast_key, minval=low, maxval=high)
+  factors_key, order_key = jax.random.split(key)
+  brightness, contrast = jitter_factors(factors_key, strength)
 
   def adjust_brightness(x):
     return jnp.clip(x * brightness, 0.0, 1.0)
@@ -125,7 +141,8 @@ def _augment_slice(key: jax.Array, image: jax.Array, rows: jax.Array, cols: jax.
                     _jitter(jitter_key, image, aug_config.jitter_strength), image)
   sigma = jax.random.uniform(sigma_key, minval=aug_config.blur_sigma[0],
                              maxval=aug_config.blur_sigma[1])
-  blur = blur_matrix(sigma, image.shape[0])
+  size = image.shape[0]
+  blur = blur_matrix(sigma, size, blur_radius(size, aug_config.blur_sigma[1]))
   image = jnp.where(jax.random.bernoulli(blur_on_key, aug_config.blur_prob),
                     jnp.einsum('oh,hwc,pw->opc', blur, image, blur), image)
   return jnp.clip(image, 0.0, 1.0)
@@ -137,7 +154,7 @@ def augment_set(key: jax.Array, images: jax.Array, aug_config: ml_collections.Co
 
   Args:
     key: one PRNG key for the whole set.
-    images: [K, H, W, C], uint8 or float in [0, 1].
+    images: [K, H, W, C], uint8 or float in [0, 1]: the box is cut at this resolution.
     aug_config: the `augment` config section.
     out_size: side of the square output.
 

@@ -553,7 +553,8 @@ def intra_inter_views(rng: jax.Array, volumes: jax.Array,
     return jax.random.split(views_key), intra_inter_choices(choice_key, aug)
   view_keys, chosen = jax.vmap(draws)(keys)
   # One vmap over the 2 B views (each volume twice) compiles faster than one nested in another.
+  # (Raw uint32 keys, as the training loop's, carry a trailing key axis.)
   views = jax.vmap(lambda k, v, c: intra_inter_view(k, v, aug, c))(
-      view_keys.reshape(-1), jnp.repeat(to_unit_float(volumes), 2, axis=0),
+      view_keys.reshape(-1, *view_keys.shape[2:]), jnp.repeat(to_unit_float(volumes), 2, axis=0),
       chosen.reshape(-1, chosen.shape[-1]))
   return views.reshape(volumes.shape[:1] + (2,) + volumes.shape[1:])

@@ -134,6 +134,28 @@ def load_set_encoder(source_workdir: str) -> dict:
   return {'params': tree.get('params', {}), 'batch_stats': tree.get('batch_stats', {})}
 
 
+# Intra-inter clustering's slice embedding and slice transformer (their params; they have no batch
+# statistics), written beside its encoder so that a run continuing from the workdir gets them.
+SLICE_TRANSFORMER_FILE = 'slice_transformer.msgpack'
+
+
+def export_slice_transformer(workdir: str, params: dict) -> str:
+  """Writes {module name: params} to SLICE_TRANSFORMER_FILE atomically; returns its path."""
+  path = os.path.join(workdir, SLICE_TRANSFORMER_FILE)
+  _write_msgpack(path, params)
+  return path
+
+
+def load_slice_transformer(source_workdir: str) -> dict | None:
+  """What export_slice_transformer wrote in source_workdir, or None where there is none (a 2D
+  pretraining run, a PyTorch file)."""
+  path = os.path.join(source_workdir, SLICE_TRANSFORMER_FILE)
+  if is_torch_file(source_workdir) or not os.path.isfile(path):
+    return None
+  with open(path, 'rb') as f:
+    return flax.serialization.msgpack_restore(f.read())
+
+
 # init_from may name a torchvision-layout ResNet state_dict, or a MONAI BasicUNet-layout 3D U-Net
 # encoder, instead of a workdir (docs/pytorch.md).
 TORCH_SUFFIXES = ('.pth', '.pt')

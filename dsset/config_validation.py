@@ -98,8 +98,9 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
   # Imported here so that validating a config does not import the model or data stacks.
   from data_pipelines.intensity import POLICIES
   from data_pipelines.orientation import SLICE_AXES
+  from data_pipelines.samplers import SHORT_SCANS
   from data_pipelines.sources import SOURCES
-  from dsset.evaluate.features import LEVELS, SCAN_FEATURES
+  from dsset.evaluate.features import LEVELS, RECOMPUTE_BATCH_STATS, SCAN_FEATURES
   from dsset.models import BACKBONES
   from dsset.models.unet3d import BACKBONE as UNET3D
   from dsset.optim import OPTIMIZERS
@@ -112,7 +113,8 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'data.channels': _one_of(1, 3),
       'data.set_size': _positive_int(),
       'data.window': _open_unit(),
-      'data.variable_set_size': _bool(),
+      'data.short_scans': _one_of(*SHORT_SCANS),
+      'data.min_slices': _positive_int(),
       'data.slice_axis': _one_of(*SLICE_AXES),
       'data.intensity': _one_of(*POLICIES),
       'data.ct_window': _pair_increasing(),
@@ -141,6 +143,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'data.phantom.width': _int_at_least(8),
       'data.phantom.seed': _int_at_least(0),
       'data.phantom.noise_hu': _non_negative(),
+      'augment.crop_source_size': _int_at_least(0),
       'augment.crop_scale': _range(1e-6, 1.0),
       'augment.crop_ratio': _range(1e-6, 1e6),
       'augment.flip_prob': _probability(),
@@ -157,6 +160,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'model.width_multiplier': _positive(),
       'model.pooling': _one_of('sum', 'mean'),
       'model.rho': _bool(),
+      'model.batch_norm_views': _one_of('separate', 'joint'),
       'model.head_hidden': _positive_int(),
       'model.head_out': _positive_int(),
       'model.unet3d.filters': _positive_ints(),
@@ -172,11 +176,13 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'loss.same_scan_positives': _bool(),
       'train.batch_size': _positive_int(),
       'train.num_steps': _positive_int(),
+      'train.num_epochs': _int_at_least(0),
       'train.optimizer': _one_of(*OPTIMIZERS),
       'train.learning_rate': _positive(),
       'train.momentum': _probability(),
       'train.weight_decay': _non_negative(),
       'train.warmup_steps': _int_at_least(0),
+      'train.warmup_epochs': _int_at_least(0),
       'train.schedule': _one_of('cosine', 'constant'),
       'train.grad_clip_norm': _non_negative(),
       'train.log_every_steps': _positive_int(),
@@ -194,6 +200,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'evaluate.label_fraction': ((lambda v: isinstance(v, (int, float)) and 0 < v <= 1),
                                   'a number in (0, 1]'),
       'evaluate.batch_size': _positive_int(),
+      'evaluate.recompute_batch_stats': _one_of(*RECOMPUTE_BATCH_STATS),
       'evaluate.weight_decays': _numbers(),
       'evaluate.knn_k': _positive_int(),
       'evaluate.knn_temperature': _positive(),
@@ -209,10 +216,25 @@ def rules(config) -> dict[str, tuple[Callable[[Any], bool], str]]:
   return {**_rules(), **method_class(config).config_rules}
 
 
+# Removed keys and what replaced them: a config file of one's own that still sets one is refused
+# by name rather than having the setting silently ignored.
+REPLACED_KEYS = {
+    'data.variable_set_size': ("data.short_scans ('pad' for the old True) and data.min_slices "
+                               '(= data.set_size for the old False, which left out the scans too '
+                               'short for a set)'),
+}
+
+
 def validate(config) -> None:
   """Raises ConfigError for the first key whose value cannot work (method first: it decides which
   other keys exist)."""
   from dsset.methods import method_class
+  for key, replacement in REPLACED_KEYS.items():
+    try:
+      _get(config, key)
+    except (KeyError, AttributeError):
+      continue
+    raise ConfigError(f'config key {key} was replaced by {replacement}')
   method = method_class(config)
   for key, (ok, expected) in rules(config).items():
     try:

@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 from data_pipelines.errors import DataError
 from dsset import train
-from dsset.config_validation import ConfigError
+from dsset.config_validation import REPLACED_KEYS, ConfigError
 
 
 def main(argv):
@@ -53,8 +53,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     # 'did you mean' hint in the message.
     hint = re.search(r'Did you mean "[^"]+"', str(e))
     overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    replaced = [f'; {key} was replaced by {replacement}'
+                for key, replacement in REPLACED_KEYS.items() if f'--config.{key}' in overrides]
     print(f'dsset: error: unknown config key in {" ".join(overrides)}'
-          + (f' ({hint.group(0)}?)' if hint else '')
+          + (f' ({hint.group(0)}?)' if hint else '') + ''.join(replaced)
           + '; configs/base.py lists every key', file=sys.stderr)
   except (ValueError, TypeError) as e:
     print(f'dsset: error: bad config override: {e}', file=sys.stderr)

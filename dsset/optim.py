@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import optax
 
@@ -9,6 +11,34 @@ import optax
 # adam: L2-style decay added to the gradient (as the reference PyTorch code); adamw: decoupled decay
 # (fine-tuning and segmentation); sgd with momentum; lars.
 OPTIMIZERS = ('adam', 'adamw', 'sgd', 'lars')
+
+
+def steps_per_epoch(num_records: int, batch_size: int) -> int:
+  """Steps of one pass over num_records examples: ceil(records / batch), so every record comes at
+  least once (the stream runs on into the next epoch rather than dropping a partial batch)."""
+  return max(1, math.ceil(num_records / batch_size))
+
+
+def steps_from_epochs(train_config, num_records: int, record_name: str) -> str:
+  """Sets train.num_steps from train.num_epochs and train.warmup_steps from train.warmup_epochs
+  (each when > 0), with epochs of num_records examples (record_name says what they are, e.g.
+  'slices'); returns the line that tells the user.
+
+  Run once, when the train data is known and before the schedule is built, so the schedule, the
+  loop, checkpoints and a resume all see the same step counts (config.json records them).
+  """
+  epochs, warmup_epochs = int(train_config.num_epochs), int(train_config.warmup_epochs)
+  batch = int(train_config.batch_size)
+  per_epoch = steps_per_epoch(num_records, batch)
+  said = []
+  if epochs:
+    train_config.num_steps = epochs * per_epoch
+    said.append(f'train.num_epochs={epochs} x {num_records} {record_name} / batch {batch} = '
+                f'{train_config.num_steps} steps ({per_epoch} per epoch)')
+  if warmup_epochs:
+    train_config.warmup_steps = warmup_epochs * per_epoch
+    said.append(f'train.warmup_epochs={warmup_epochs} = {train_config.warmup_steps} steps')
+  return '; '.join(said)
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:

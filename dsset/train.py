@@ -241,6 +241,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
     # Reads the data (and checks it) before anything is written to the workdir.
     train_iter = method.make_train_iterator(jax.process_index(), jax.process_count(),
                                             batch_multiple=mesh.devices.size)
+    if config.train.num_epochs or config.train.warmup_epochs:
+      # Steps from epochs, now that the data is known: before the schedule and the checkpoint
+      # manager exist, and written to config.json, so a resume counts the same steps.
+      said = optim.steps_from_epochs(config.train, *method.epoch_records())
+      if is_main:
+        print(said, file=sys.stderr, flush=True)
     workdir = prepare_workdir(workdir, config)
     variables = _train(config, method, workdir, mesh, train_iter)
   else:

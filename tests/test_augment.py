@@ -147,15 +147,66 @@ def test_resize_matrix_matches_jax_image_resize(in_size, out_size):
 
 
 def test_blur_matrix():
-  size = 32
-  assert augment.blur_kernel_size(size) == 3
-  assert augment.blur_kernel_size(224) == 23
-  blur = augment.blur_matrix(jnp.float32(1.0), size)
+  size, radius = 32, 3
+  blur = augment.blur_matrix(jnp.float32(1.0), size, radius)
   chex.assert_trees_all_close(blur.sum(axis=1), jnp.ones(size), atol=1e-6)
   # Gaussian weights away from the border; the reflected border folds weight back inside.
-  weights = np.exp(-0.5 * np.arange(-1, 2)**2)
-  chex.assert_trees_all_close(blur[10, 9:12], weights / weights.sum(), atol=1e-6)
-  chex.assert_trees_all_close(blur[0, :2], np.array([weights[1], 2 * weights[2]]) / weights.sum(),
+  weights = np.exp(-0.5 * np.arange(-radius, radius + 1)**2)
+  chex.assert_trees_all_close(blur[10, 7:14], weights / weights.sum(), atol=1e-6)
+  chex.assert_trees_all_close(
+      blur[0, :4], np.array([weights[3], 2 * weights[4], 2 * weights[5], 2 * weights[6]]) /
+      weights.sum(), atol=1e-6)
+  chex.assert_trees_all_close(augment.blur_matrix(jnp.float32(1e-3), size, radius), jnp.eye(size),
                               atol=1e-6)
-  chex.assert_trees_all_close(augment.blur_matrix(jnp.float32(1e-3), size), jnp.eye(size),
-                              atol=1e-6)
+
+
+def test_blur_kernel_covers_three_sigma_at_small_sizes():
+  # blur_sigma up to 2 (the default): the kernel reaches 6 pixels each side even at 16 px, where
+  # torchvision's 10 % rule gives 3 taps (7 at 64 px).
+  for size in (16, 32, 64):
+    assert augment.blur_radius(size, 2.0) == 6
+    assert augment.blur_radius(size, 100.0) == size - 1  # capped: one reflection must cover it
+  # The whole augmentation with sigma fixed at 2: a point in the middle of a 16 px image spreads
+  # into the separable Gaussian of radius 6, normalised over its 13 taps.
+  point = jnp.zeros((1, 16, 16, 1)).at[0, 8, 8, 0].set(1.0)
+  config = aug_config(**{**IDENTITY, 'blur_prob': 1.0, 'blur_sigma': (2.0, 2.0)})
+  out = jitted_set(config, 16)(jax.random.key(0), point)[0, :, :, 0]
+  taps = np.exp(-0.5 * (np.arange(-6, 7) / 2.0)**2)
+  taps /= taps.sum()
+  expected = np.zeros((16, 16))
+  expected[2:15, 2:15] = np.outer(taps, taps)
+  chex.assert_trees_all_close(out, expected, atol=1e-6)
+
+
+def test_default_jitter_factors_span_the_reference_range():
+  # ColorJitter(brightness=0.8, contrast=0.8): both factors uniform in [0.2, 1.8].
+  keys = jax.random.split(jax.random.key(0), 2000)
+  factors = np.asarray(jax.vmap(lambda k: augment.jitter_factors(k, aug_config().jitter_strength))(
+      keys))
+  assert factors.shape == (2000, 2)
+  assert factors.min() >= 0.2 and factors.max() <= 1.8
+  assert (factors.min(axis=0) < 0.21).all() and (factors.max(axis=0) > 1.79).all()
+
+
+def test_crop_from_the_native_slice_keeps_its_detail():
+  # The sampler ships slices larger than the model's input (samplers.ship_size). Cropping there and
+  # resizing the box equals resizing the whole slice first only when the box is the whole slice
+  # (and cropping the whole shrunk slice is the identity: test_identity_settings_return_the_input).
+  whole = aug_config(**IDENTITY)
+  small = aug_config(**{**IDENTITY, 'crop_scale': (1 / 16, 1 / 16)})
+
+  @jax.jit
+  def crops(native):
+    # One key: the box scales with the image, so it covers the same region at both sizes.
+    key = jax.random.key(1)
+    shrunk = jax.image.resize(native, (1, 16, 16, 1), 'linear')
+    return (shrunk, augment.augment_set(key, native, whole, 16),
+            augment.augment_set(key, native, small, 16), augment.augment_set(key, shrunk, small, 16))
+
+  native = jax.random.uniform(jax.random.key(0), (1, 64, 64, 1))  # pixel-level detail
+  shrunk, whole_native, small_native, small_shrunk = crops(native)
+  chex.assert_trees_all_close(whole_native, shrunk, atol=1e-5)
+  # A 16 x 16 pixel box of the native slice keeps its noise; the same box of the shrunk slice is
+  # 4 x 4 pixels, already averaged, then stretched.
+  assert float(small_native.std()) > 2 * float(small_shrunk.std())
+  assert float(jnp.abs(small_native - small_shrunk).max()) > 0.2

@@ -53,7 +53,8 @@ def test_bad_value_gives_one_clear_line(tmp_path, flag, expected):
 
 def test_unknown_key_is_rejected(tmp_path):
   result = run_cli('--config=configs/deepset.py', f'--workdir={tmp_path / "w"}',
-                   '--config.train.nmu_steps=3')
+                   '--config.train.nmu_steps=3', '--config.data.variable_set_size=True')
   assert result.returncode != 0
   assert 'nmu_steps' in result.stderr
+  assert 'data.variable_set_size was replaced by data.short_scans' in result.stderr
   assert 'Traceback' not in result.stderr

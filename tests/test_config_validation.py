@@ -43,6 +43,8 @@ def test_every_config_file_and_variant_is_valid_and_fully_checked(name, variant)
     ('evaluate.scan_features', 'max'),
     ('train.optimizer', 'adagrad'),
     ('data.phantom.depth', 4),
+    ('data.short_scans', 'drop'),
+    ('data.min_slices', 0),
 ])
 def test_a_bad_value_names_its_key(key, value):
   config = base.get_config()
@@ -52,6 +54,13 @@ def test_a_bad_value_names_its_key(key, value):
     node = node[part]
   node[leaf] = value
   with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
+    validate(config)
+
+
+def test_a_replaced_key_names_what_replaced_it():
+  config = base.get_config()
+  config.data.variable_set_size = True  # as an old config file of one's own would
+  with pytest.raises(ConfigError, match=r'data\.variable_set_size was replaced by data\.short_scans'):
     validate(config)
 
 

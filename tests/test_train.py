@@ -9,9 +9,12 @@ import pytest
 
 import configs.deepset
 import configs.perscan
+import configs.rotation3d
 import configs.simclr
-from dsset import train
-from dsset.methods import pretraining
+from data_pipelines import samplers
+from data_pipelines.sources import make_source
+from dsset import optim, train
+from dsset.methods import make_method, pretraining
 from data_pipelines.errors import DataError
 from dsset.config_validation import ConfigError, validate
 
@@ -81,6 +84,52 @@ def test_resume_equals_uninterrupted(tmp_path):
                              rtol=1e-5)
   a, b = _final_params(split), _final_params(whole)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+def test_steps_from_epochs_round_each_epoch_up_and_say_so():
+  c = configs.deepset.get_config('paper').train  # batch 32, 100 epochs, 1 of warm-up
+  said = optim.steps_from_epochs(c, 1234, 'slices')
+  assert (c.num_steps, c.warmup_steps) == (100 * 39, 39)
+  assert said == ('train.num_epochs=100 x 1234 slices / batch 32 = 3900 steps (39 per epoch); '
+                  'train.warmup_epochs=1 = 39 steps')
+  c.num_epochs, c.num_steps, c.warmup_epochs = 0, 7, 2
+  optim.steps_from_epochs(c, 64, 'scans')
+  assert (c.num_steps, c.warmup_steps) == (7, 4)
+
+
+def test_an_epoch_is_every_train_slice_in_2d_and_every_scan_in_3d():
+  for config in (tiny_config('perscan'), tiny_config('deepset'),
+                 configs.rotation3d.get_config('tiny')):
+    method = make_method(config)
+    method.make_train_iterator()
+    source = make_source(config.data, 'train')
+    expected = ((len(source), 'scans') if config.method == 'rotation3d'
+                else (samplers.slice_counts(source).sum(), 'slices'))
+    assert method.epoch_records() == expected
+
+
+def test_num_epochs_become_steps_before_training_and_again_on_resume(tmp_path, monkeypatch,
+                                                                    capfd):
+  # 12 scans of 8 slices: 4 train scans, 32 slices, 4 steps of 8 an epoch.
+  config = tiny_config('deepset', **{'train.num_epochs': 2, 'train.warmup_epochs': 1,
+                                     'data.phantom.num_scans': 12, 'data.phantom.depth': 8})
+
+  class Stopped(Exception):
+    pass
+
+  def stop_before_training(config, method, workdir, mesh, train_iter):
+    raise Stopped(config.train.num_steps, config.train.warmup_steps)
+
+  monkeypatch.setattr(train, '_train', stop_before_training)
+  for _ in range(2):  # a second run on the workdir (a resume) converts the same data alike
+    config.train.num_steps, config.train.warmup_steps = 1, 0  # both replaced by the epochs
+    with pytest.raises(Stopped) as stopped:
+      train.train_and_evaluate(config, str(tmp_path))
+    assert stopped.value.args == (8, 4)
+    with open(tmp_path / 'config.json') as f:
+      assert json.load(f)['train']['num_steps'] == 8
+  assert ('train.num_epochs=2 x 32 slices / batch 8 = 8 steps (4 per epoch); '
+          'train.warmup_epochs=1 = 4 steps') in capfd.readouterr().err
 
 
 def test_bad_config_value_names_the_key():

@@ -110,8 +110,13 @@ def keep_usable(candidates: Sequence, build: Callable[..., Entry], data_config, 
 
 
 def check_slice_count(num_slices: int, data_config, name: str) -> None:
-  """A scan shorter than one set is bad unless data.variable_set_size pads sets."""
-  needed = 1 if data_config.variable_set_size else int(data_config.set_size)
+  """A scan with fewer than data.min_slices slices is left out.
+
+  Every source applies it whatever the method, so that with data.min_slices = K SimCLR and
+  PS-SimCLR (K = 1) leave out the scans DS-SimCLR could not fill a set from, and a comparison trains
+  every method on the same scans.
+  """
+  needed = int(data_config.min_slices)
   if num_slices < needed:
-    raise DataError(f'{name}: has {num_slices} {data_config.slice_axis} slices; a set needs '
-                    f'data.set_size={needed} (or set data.variable_set_size=True)')
+    raise DataError(f'{name}: has {num_slices} {data_config.slice_axis} slices, fewer than '
+                    f'data.min_slices={needed}')

@@ -139,6 +139,11 @@ class NpzSource:
   def slice_counts(self) -> np.ndarray:
     return np.full(len(self), self._images_shape[1], dtype=np.int64)
 
+  @property
+  def max_slice_edge(self) -> int:
+    """The larger side of every slice, from the array's shape (samplers.ship_size)."""
+    return max(self._images_shape[2:])
+
   def __getstate__(self):
     # Workers reread the images rather than receive a pickled copy of the whole array.
     state = dict(self.__dict__)

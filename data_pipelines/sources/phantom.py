@@ -189,6 +189,10 @@ class PhantomSource:
     self._shape = (int(phantom.depth), int(phantom.height), int(phantom.width))
     if min(self._shape) < 8:
       raise DataError(f'config keys data.phantom.depth/height/width={self._shape} must all be >= 8')
+    if self._shape[0] < int(data_config.min_slices):
+      # Other sources leave out scans shorter than data.min_slices; here that would be all of them.
+      raise DataError(f'config key data.phantom.depth={self._shape[0]} is below data.min_slices='
+                      f'{data_config.min_slices}: every phantom scan would be left out')
     self._seed = int(phantom.seed)
     self._noise_hu = float(phantom.noise_hu)
     self._intensity = intensity.IntensitySettings.from_config(data_config)
@@ -218,6 +222,11 @@ class PhantomSource:
   def slice_counts(self) -> np.ndarray:
     """Slices of every scan, known without generating any (used by the simclr record space)."""
     return np.full(len(self), self._shape[0], dtype=np.int64)
+
+  @property
+  def max_slice_edge(self) -> int:
+    """The larger side of every slice, known without generating a scan (samplers.ship_size)."""
+    return max(self._shape[1:])
 
   def __len__(self) -> int:
     return len(self._indices)

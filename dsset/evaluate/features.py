@@ -15,6 +15,17 @@ Levels (config key evaluate.level):
 The encoder is the 2D backbone alone, in eval mode (BatchNorm running statistics), either loaded
 from a pretraining workdir (config key init_from) or randomly initialised from config.model with
 config.seed (the random-init baseline).
+
+BatchNorm statistics (config key evaluate.recompute_batch_stats: 'random_init' | 'always' |
+'never'): a random-init encoder's running statistics are the initial 0 and 1, which scale its
+eval-mode features arbitrarily. Before extracting features the extractor can replace them: every
+image of the train split (all its scans, labelled or not) goes through the encoder in train mode,
+in batches of evaluate.batch_size (the last one masked where padded), and each BatchNorm's running
+mean and variance become the mean and (biased) variance of its inputs over all those images and
+positions, combined exactly across batches (not a moving average). As in torch's update_bn, each
+layer's inputs are those of the train-mode pass, whose earlier layers normalise by batch. The
+default 'random_init' does it for the random-init baseline only; an encoder handed in as variables
+(a fine-tuned one) is never changed.
 """
 
 from __future__ import annotations
@@ -22,7 +33,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable, Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,10 +47,11 @@ from dsset.config_validation import ConfigError
 # The pretraining method normalises inputs with these constants; the BatchNorm running statistics
 # of a pretrained encoder were collected on inputs scaled this way, so features must use the same.
 from dsset.methods.contrastive import INPUT_MEAN, INPUT_STD
-from dsset.models import SetEncoder, make_backbone, unet3d
+from dsset.models import SetEncoder, layers, make_backbone, unet3d
 
 LEVELS = ('slice', 'scan')
 SCAN_FEATURES = ('mean', 'set_encoder')
+RECOMPUTE_BATCH_STATS = ('random_init', 'always', 'never')
 RANDOM_INIT = 'random init'
 
 
@@ -102,10 +116,22 @@ class FeatureExtractor:
     if self.scan_features not in SCAN_FEATURES:
       raise ConfigError(f'config key evaluate.scan_features={self.scan_features!r} is invalid: '
                         f'expected one of {SCAN_FEATURES}')
+    self.recompute_batch_stats = str(config.evaluate.recompute_batch_stats)
+    if self.recompute_batch_stats not in RECOMPUTE_BATCH_STATS:
+      raise ConfigError(f'config key evaluate.recompute_batch_stats='
+                        f'{self.recompute_batch_stats!r} is invalid: expected one of '
+                        f'{RECOMPUTE_BATCH_STATS}')
     self.model_config = encoder_model_config(config)
     self.backbone = self.make_encoder(self.model_config)
     self.batch_size = int(config.evaluate.batch_size)
-    self.variables = self.initial_variables(config) if variables is None else variables
+    self.batch_stats_recomputed = variables is None and (
+        self.recompute_batch_stats == 'always'
+        or (self.recompute_batch_stats == 'random_init' and not config.init_from))
+    if variables is None:
+      variables = self.initial_variables(config)
+    if self.batch_stats_recomputed:
+      variables = self.train_batch_stats(config, variables)
+    self.variables = variables
     self._apply = jax.jit(self._encode)
     if self.scan_features == 'set_encoder':
       self.set_encoder = SetEncoder(encoder=None, pooling=self.model_config.pooling,
@@ -158,21 +184,99 @@ class FeatureExtractor:
   def num_features(self) -> int:
     return self.backbone.num_features
 
+  @property
+  def batch_stats_settings(self) -> dict:
+    """What eval.json records about the encoder's BatchNorm statistics."""
+    return {'recompute_batch_stats': self.recompute_batch_stats,
+            'batch_stats_recomputed': self.batch_stats_recomputed}
+
+  def normalise(self, images: jax.Array) -> jax.Array:
+    """uint8 inputs -> what the encoder takes."""
+    return normalise_images(images)
+
   def _encode(self, variables, images):
-    return self.backbone.apply(variables, normalise_images(images), train=False)
+    return self.backbone.apply(variables, self.normalise(images), train=False)
+
+  def _batches(self, arrays: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, int]]:
+    """The rows of `arrays`, in order, as (batch of evaluate.batch_size rows, count of real ones):
+    the last batch is zero-padded, so the encoder compiles once."""
+    pending, held = [], 0
+    for array in arrays:
+      start = 0
+      while start < len(array):
+        take = min(self.batch_size - held, len(array) - start)
+        pending.append(array[start:start + take])
+        held, start = held + take, start + take
+        if held == self.batch_size:
+          yield np.concatenate(pending), held
+          pending, held = [], 0
+    if held:
+      padding = np.zeros((self.batch_size - held, *pending[0].shape[1:]), pending[0].dtype)
+      yield np.concatenate([*pending, padding]), held
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    """Encodes in fixed-size batches (the last one padded) so the encoder compiles once."""
-    out = []
-    for start in range(0, len(images), self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-      out.append(np.asarray(self._apply(self.variables, chunk))[:len(chunk) - pad])
+    """Encodes in fixed-size batches."""
+    out = [np.asarray(self._apply(self.variables, chunk))[:count]
+           for chunk, count in self._batches([images])]
     if not out:
       return np.zeros((0, self.num_features), np.float32)
     return np.concatenate(out)
+
+  def _batch_norm_moments(self, variables, images, valid):
+    """One train-mode pass over a batch: for each BatchNorm (by module path), the count, mean and
+    sum of squared deviations of its inputs over the valid images and every position."""
+    moments = {}
+
+    def record(call, args, kwargs, context):
+      if context.method_name != '__call__' or not isinstance(context.module, layers.BATCH_NORMS):
+        return call(*args, **kwargs)
+      x = args[0]
+      rows = valid.reshape(-1, *(1,) * (x.ndim - 1))
+      weights = jnp.broadcast_to(rows, (*x.shape[:-1], 1)).astype(jnp.float32)
+      x32, axes = x.astype(jnp.float32), tuple(range(x.ndim - 1))
+      count = jnp.sum(weights)
+      mean = jnp.sum(weights * x32, axes) / jnp.maximum(count, 1.0)
+      moments[context.module.path] = (count, mean, jnp.sum(weights * (x32 - mean) ** 2, axes))
+      # The padding rows are left out of the batch statistics that normalise the real ones.
+      return call(*args, **{**kwargs, 'mask': rows})
+
+    with nn.intercept_methods(record):
+      # A 3D encoder with dropout drops out in train mode, as torch's would; the key is fixed.
+      self.backbone.apply(variables, self.normalise(images), train=True, mutable=['batch_stats'],
+                          rngs={'dropout': jax.random.key(0)})
+    return moments
+
+  def train_batch_stats(self, config, variables: dict) -> dict:
+    """variables with every BatchNorm's running mean and variance replaced by those of its inputs
+    over the train split's images in train mode (module docstring)."""
+    moments_of = jax.jit(self._batch_norm_moments)
+    per_batch = {}
+    inputs = (x for x, _, _ in self.scan_inputs(config, 'train', labelled_only=False))
+    for chunk, count in self._batches(inputs):
+      valid = np.arange(len(chunk)) < count
+      for path, moments in jax.device_get(moments_of(variables, chunk, valid)).items():
+        per_batch.setdefault(path, []).append(moments)
+    if not per_batch:
+      raise ConfigError(f'config key evaluate.recompute_batch_stats={self.recompute_batch_stats!r}'
+                        f': the train split of data.source={config.data.source!r} has no scans')
+    batch_stats = jax.tree.map(np.asarray, variables['batch_stats'])
+    for path, batches in per_batch.items():
+      counts, means, squares = (np.asarray(m, np.float64) for m in zip(*batches))
+      mean = counts @ means / counts.sum()
+      # Chan et al.'s pairwise combination: within-batch plus between-batch squared deviations.
+      var = (squares.sum(0) + counts @ (means - mean) ** 2) / counts.sum()
+      node = batch_stats
+      for name in path:
+        node = node[name]
+      node['mean'], node['var'] = mean.astype(np.float32), var.astype(np.float32)
+    return {**variables, 'batch_stats': batch_stats}
+
+  def scan_inputs(self, config, split: str, labelled_only: bool):
+    """(encoder inputs of one scan [n, ...], its label, its index in the split) for every scan of
+    `split`; labelled_only leaves out those labelled -1. 2D: the scan's slices."""
+    for scan in pipeline.make_eval_dataset(config, split, 'scan'):
+      if not labelled_only or scan['label'] >= 0:
+        yield scan['slices'], int(scan['label']), int(scan['scan_id'])
 
   def extract_levels(self, config, split: str, labelled_only: bool = True
                      ) -> dict[str, SplitFeatures]:
@@ -181,12 +285,10 @@ class FeatureExtractor:
     labelled_only: leave out scans whose label is -1 (kept, with label -1, when False).
     """
     images, labels, scan_ids = [], [], []
-    for scan in pipeline.make_eval_dataset(config, split, 'scan'):
-      if labelled_only and scan['label'] < 0:
-        continue
-      images.append(scan['slices'])
-      labels.append(int(scan['label']))
-      scan_ids.append(int(scan['scan_id']))
+    for slices, label, scan_id in self.scan_inputs(config, split, labelled_only):
+      images.append(slices)
+      labels.append(label)
+      scan_ids.append(scan_id)
     if not images:
       empty = SplitFeatures(np.zeros((0, self.num_features), np.float32),
                             np.zeros(0, np.int32), np.zeros(0, np.int32))

@@ -35,8 +35,8 @@ class VolumeFeatureExtractor(FeatureExtractor):
   def example_input(self, config):
     return np.zeros((1, self._cube, self._cube, self._cube, 1), np.float32)
 
-  def _encode(self, variables, cubes):
-    return self.backbone.apply(variables, augment3d.normalise(cubes), train=False)
+  def normalise(self, cubes):
+    return augment3d.normalise(cubes)
 
   def scan_tiles(self, scan) -> np.ndarray:
     """uint8 cubes [T, S, S, S, 1] tiling the whole scan."""
@@ -45,15 +45,19 @@ class VolumeFeatureExtractor(FeatureExtractor):
     return np.stack([volumes.to_uint8(volumes.cut_cube(volume, start, steps, self._cube))
                      for start in volumes.tile_starts(volume.shape, self._cube, steps)])
 
-  def extract_levels(self, config, split, labelled_only=True):
+  def scan_inputs(self, config, split, labelled_only):
+    """3D: the cubes tiling each scan."""
     source = make_source(config.data, split)
-    scan_features, labels, scan_ids = [], [], []
     for index in range(len(source)):
       scan = source[index]
-      if labelled_only and scan.label < 0:
-        continue
-      scan_features.append(self(self.scan_tiles(scan)).mean(axis=0, dtype=np.float64))
-      labels.append(scan.label)
+      if not labelled_only or scan.label >= 0:
+        yield self.scan_tiles(scan), scan.label, index
+
+  def extract_levels(self, config, split, labelled_only=True):
+    scan_features, labels, scan_ids = [], [], []
+    for tiles, label, index in self.scan_inputs(config, split, labelled_only):
+      scan_features.append(self(tiles).mean(axis=0, dtype=np.float64))
+      labels.append(label)
       scan_ids.append(index)
     feats = (np.stack(scan_features).astype(np.float32) if scan_features
              else np.zeros((0, self.num_features), np.float32))

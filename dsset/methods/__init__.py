@@ -12,6 +12,7 @@ from dsset.methods.cpc3d import CPC3DMethod
 from dsset.methods.deepcluster import DeepClusterMethod
 from dsset.methods.exemplar3d import Exemplar3DMethod
 from dsset.methods.finetune import FinetuneMethod
+from dsset.methods.intra_inter import IntraInterMethod
 from dsset.methods.jigsaw3d import Jigsaw3DMethod
 from dsset.methods.knn import KnnMethod
 from dsset.methods.linear_probe import LinearProbeMethod
@@ -29,6 +30,8 @@ METHODS: dict[str, type[Method]] = {
     # Clustering on slices (the 2D part of Nguyen et al.'s intra-inter clustering).
     'swav': SwavMethod,
     'deepcluster_v2': DeepClusterMethod,
+    # Intra-inter clustering's masked-embedding and 3D stages (stage 1 is swav), or all at once.
+    'intra_inter': IntraInterMethod,
     # 3D proxy tasks (Taleb et al.) on cubes of the scans, with the 3D U-Net encoder.
     'rotation3d': Rotation3DMethod,
     'exemplar3d': Exemplar3DMethod,

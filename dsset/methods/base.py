@@ -73,6 +73,14 @@ class Method:
     """
     raise NotImplementedError
 
+  def epoch_records(self) -> tuple[int, str]:
+    """One epoch of train.num_epochs and train.warmup_epochs: (how many records one pass over the
+    train data is, what they are, e.g. (1024, 'slices')). Called after make_train_iterator, only
+    when an epochs key is set."""
+    raise ConfigError(f'config keys train.num_epochs and train.warmup_epochs: method='
+                      f'{self.config.method!r} does not count epochs; set train.num_steps and '
+                      'train.warmup_steps instead')
+
   @property
   def monitor_classes(self) -> int:
     """Classes of the labels the online probe learns (0: no probe). Valid after the iterator."""

@@ -96,11 +96,9 @@ class ClusteringMethod(SimclrMethod):
     """Augments both views and runs the model: (h [2B, D], z [2B, out], scores per head
     [2B, k], labels [2B], new batch_stats). Rows: all first views, then all second views."""
     views, mask = self.augmented_inputs(batch, rng)
-    (h, z, scores), updates = self.model.apply(
-        {'params': params, 'batch_stats': batch_stats}, views, mask, train=True,
-        mutable=['batch_stats'])
+    (h, z, scores), new_batch_stats = self.apply_train(params, batch_stats, views, mask)
     labels = jnp.concatenate([batch['label'], batch['label']], axis=0)
-    return h, z, scores, labels, updates['batch_stats']
+    return h, z, scores, labels, new_batch_stats
 
 
 def cluster_usage(assignments: jax.Array, num_clusters: int) -> dict[str, jax.Array]:

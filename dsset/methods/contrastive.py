@@ -13,12 +13,14 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from data_pipelines import samplers
 from dsset import augment, losses, models
 from dsset.config_validation import ConfigError
 from dsset.methods.base import StepOutput
 from dsset.methods.pretraining import PretrainingMethod
+from dsset.models import layers
 
 # uint8 slices are scaled to [0, 1] by the augmentation, then centred so the stem sees zero-mean
 # inputs; BatchNorm after the stem makes the exact constants unimportant.
@@ -71,6 +73,11 @@ class ContrastiveMethod(PretrainingMethod):
     """Slices one example sends through the encoder (two views of K slices)."""
     return 2 * self.set_size
 
+  def epoch_records(self) -> tuple[int, str]:
+    """The reference's epoch, for every 2D slice method: one example per train slice (its dataset
+    has one item per slice file, though each item draws a scan), whatever the sampler's records."""
+    return int(samplers.slice_counts(self._train_source).sum()), 'slices'
+
   def init(self, rng: jax.Array) -> dict:
     d = self.config.data
     views = jnp.zeros((1, self.set_size, d.image_size, d.image_size, d.channels), jnp.float32)
@@ -78,28 +85,59 @@ class ContrastiveMethod(PretrainingMethod):
     return self.model.init(rng, views, mask, train=False)
 
   def augmented_inputs(self, batch, rng):
-    """uint8 views [B, 2, K, H, W, C] -> normalised float views [2B, K, H, W, C], mask [2B, K].
-
-    Rows are ordered (all first views, then all second views) so z[:B] and z[B:] are the pairs.
-    """
+    """uint8 views [B, 2, K, H, W, C] -> normalised float views [2, B, K, H, W, C] and mask
+    [2, B, K], view first (each view's B rows keep the batch's sharding)."""
     views = augment.augment_views(rng, batch['views'], self.config.augment,
                                   self.config.data.image_size)
     views = (views - INPUT_MEAN) / INPUT_STD
-    views = jnp.concatenate([views[:, 0], views[:, 1]], axis=0)
-    mask = jnp.concatenate([batch['mask'][:, 0], batch['mask'][:, 1]], axis=0)
-    return views, mask
+    return jnp.moveaxis(views, 1, 0), jnp.moveaxis(batch['mask'], 1, 0)
+
+  def apply_train(self, params, batch_stats, views, mask):
+    """The model in train mode on both views of augmented_inputs: (its outputs over 2B rows, all
+    first views then all second views, so z[:B] and z[B:] are the pairs; the new batch_stats).
+
+    model.batch_norm_views='separate' (the reference code, which calls the model once per view):
+    each view's B rows are a batch of their own, so every BatchNorm normalises a view with that
+    view's statistics, and the running averages end as the reference's two calls leave them: the
+    first view's update, then the second's. 'joint': one call on all 2B rows, whose statistics mix
+    both views.
+    """
+    def run(view_rows, mask_rows):
+      out, updates = self.model.apply({'params': params, 'batch_stats': batch_stats}, view_rows,
+                                      mask_rows, train=True, mutable=['batch_stats'])
+      return out, updates['batch_stats']
+
+    if self.config.model.batch_norm_views == 'joint':
+      return run(views.reshape(-1, *views.shape[2:]), mask.reshape(-1, *mask.shape[2:]))
+    # vmap over the views: the convolutions still run as one batch of 2B rows and the model is
+    # traced once (two calls in a row compile slower, a scan over the views runs slower), while
+    # each BatchNorm reduces over its own view. Both updates then start from the same running
+    # averages r: with momentum m, u = m r + (1 - m) s for a view's batch statistic s, and
+    # m u_first + u_second - m r is the first update followed by the second.
+    momentum = {}
+
+    def note_momentum(call, args, kwargs, context):
+      if isinstance(context.module, layers.BATCH_NORMS):
+        momentum[context.module.path] = context.module.momentum
+      return call(*args, **kwargs)
+
+    with nn.intercept_methods(note_momentum):
+      out, updates = jax.vmap(run)(views, mask)
+    flat = traverse_util.flatten_dict(updates)
+    start = traverse_util.flatten_dict(batch_stats)
+    stats = {key: momentum[key[:-1]] * (u[0] - start[key]) + u[1] for key, u in flat.items()}
+    return (jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out),
+            traverse_util.unflatten_dict(stats))
 
   def loss(self, params, batch_stats, batch, rng, phase):
     del phase
     views, mask = self.augmented_inputs(batch, rng)
-    variables = {'params': params, 'batch_stats': batch_stats}
-    (h, z), updates = self.model.apply(variables, views, mask, train=True,
-                                       mutable=['batch_stats'])
+    (h, z), new_batch_stats = self.apply_train(params, batch_stats, views, mask)
     z_a, z_b = jnp.split(z, 2, axis=0)
     ids = batch['scan_id'] if self.config.loss.same_scan_positives else None
     loss = losses.nt_xent(z_a, z_b, temperature=self.config.loss.temperature, ids=ids)
     labels = jnp.concatenate([batch['label'], batch['label']], axis=0)
-    return loss, StepOutput(updates['batch_stats'], {'contrastive_loss': loss}, h, labels)
+    return loss, StepOutput(new_batch_stats, {'contrastive_loss': loss}, h, labels)
 
 
 class _SingleSliceMethod(ContrastiveMethod):
@@ -118,7 +156,8 @@ class SimclrMethod(_SingleSliceMethod):
   def make_sampler(self, source):
     d = self.config.data
     return samplers.SimclrSampler(source, int(d.image_size), int(d.channels),
-                                  on_bad_scan=str(d.on_bad_scan))
+                                  on_bad_scan=str(d.on_bad_scan),
+                                  crop_source_size=int(self.config.augment.crop_source_size))
 
 
 class PerScanMethod(_SingleSliceMethod):
@@ -127,7 +166,8 @@ class PerScanMethod(_SingleSliceMethod):
   def make_sampler(self, source):
     d = self.config.data
     return samplers.PerScanSampler(source, int(d.image_size), int(d.channels), float(d.window),
-                                   on_bad_scan=str(d.on_bad_scan))
+                                   on_bad_scan=str(d.on_bad_scan),
+                                   crop_source_size=int(self.config.augment.crop_source_size))
 
 
 class DeepSetMethod(ContrastiveMethod):
@@ -140,5 +180,6 @@ class DeepSetMethod(ContrastiveMethod):
   def make_sampler(self, source):
     d = self.config.data
     return samplers.DeepSetSampler(source, int(d.image_size), int(d.channels), float(d.window),
-                                   int(d.set_size), bool(d.variable_set_size),
-                                   on_bad_scan=str(d.on_bad_scan))
+                                   int(d.set_size), str(d.short_scans),
+                                   on_bad_scan=str(d.on_bad_scan),
+                                   crop_source_size=int(self.config.augment.crop_source_size))

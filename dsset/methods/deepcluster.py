@@ -23,12 +23,10 @@ at D = 128 on a GPU, not beyond.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
-from dsset import checkpointing, losses
+from dsset import checkpointing, losses, optim
 from dsset.config_validation import ConfigError
 from dsset.methods.base import StepOutput
 from dsset.methods.clustering import (ClusteringMethod, IndexedSimclrSampler, cluster_usage,
@@ -62,7 +60,8 @@ class DeepClusterMethod(ClusteringMethod):
   def make_sampler(self, source):
     d = self.config.data
     sampler = IndexedSimclrSampler(source, int(d.image_size), int(d.channels),
-                                   on_bad_scan=str(d.on_bad_scan))
+                                   on_bad_scan=str(d.on_bad_scan),
+                                   crop_source_size=int(self.config.augment.crop_source_size))
     self._num_records = sampler.num_records
     largest = max(self.model.prototypes)
     if 0 < self._num_records < largest:
@@ -75,7 +74,7 @@ class DeepClusterMethod(ClusteringMethod):
   @property
   def steps_per_epoch(self) -> int:
     """Steps that see every record at least once (valid after make_train_iterator)."""
-    return max(1, math.ceil(self._num_records / int(self.config.train.batch_size)))
+    return optim.steps_per_epoch(self._num_records, int(self.config.train.batch_size))
 
   def init_method_state(self, variables):
     if not self._num_records:

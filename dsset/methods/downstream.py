@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import ml_collections
 import numpy as np
@@ -31,10 +31,16 @@ class DownstreamMethod(Method):
   """An evaluation of one encoder; subclasses train a head (or nothing) and report on test."""
 
   encoder_path = ('backbone',)
+  # What the train records of one epoch (train.num_epochs) are; make_train_iterator counts them.
+  train_records: ClassVar[str] = 'labelled train scans'
 
   def __init__(self, config):
     super().__init__(config)
     self._model_config = None
+    self._num_train = 0
+
+  def epoch_records(self) -> tuple[int, str]:
+    return self._num_train, self.train_records
 
   @property
   def model_config(self) -> ml_collections.ConfigDict:

@@ -77,6 +77,7 @@ class FinetuneMethod(ClassificationMethod):
                                          int(self.config.seed))
     slices = [s['slices'] for s, k in zip(scans, keep) if k]
     labels = labels[keep]
+    self._num_train = len(slices)
     self._image_shape = slices[0].shape[1:]
     k, seed = self.set_size, int(self.config.seed)
 

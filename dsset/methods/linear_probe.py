@@ -33,6 +33,7 @@ class LinearProbeMethod(ClassificationMethod):
   """The probe's variables are {'params': {'kernel': [G, D, C], 'bias': [G, C]}}."""
 
   encoder_path = None  # the probe trains no encoder; its features come from one
+  train_records = 'labelled train examples'
 
   def __init__(self, config):
     super().__init__(config)
@@ -43,13 +44,14 @@ class LinearProbeMethod(ClassificationMethod):
     # First: FeatureExtractor names a missing export before anything else is read.
     extractor = features.make_extractor(self.config)
     self._num_features = extractor.num_features
+    self._batch_stats_settings = extractor.batch_stats_settings
     self._num_classes = self.num_classes()
     self._data = self.split_features(extractor)
     train = self._data['train']
     self._mean, self._scale = probes.standardiser(train.features)
     x = ((train.features - self._mean) / self._scale).astype(np.float32)
     y = train.labels.astype(np.int32)
-    count = len(y)
+    count = self._num_train = len(y)
     # Full batch when the train examples fit: padded to the device multiple with label -1 rows,
     # which the loss leaves out, so that every step sees each example exactly once.
     batch_size = min(int(self.config.train.batch_size),
@@ -105,6 +107,7 @@ class LinearProbeMethod(ClassificationMethod):
     except ValueError as e:
       raise ConfigError(str(e)) from None
     extra = {'weight_decay': probe.weight_decay,
-             'val_accuracy_by_weight_decay': {str(k): v for k, v in probe.val_accuracy.items()}}
+             'val_accuracy_by_weight_decay': {str(k): v for k, v in probe.val_accuracy.items()},
+             **self._batch_stats_settings}
     return self.report(workdir, self._data, probe.scores(self._data['test'].features),
                        self._num_classes, extra, probe.loss_curve, 'probe step (full batch)')

@@ -24,6 +24,8 @@ class PretrainingMethod(Method):
   def __init__(self, config):
     super().__init__(config)
     self._num_classes = 0
+    self._train_source = None
+    self._sampler = None
 
   def make_sampler(self, source) -> samplers.ViewSampler:
     """The Grain map from a train-split record to one example of this method's batches."""
@@ -34,9 +36,13 @@ class PretrainingMethod(Method):
     # Built once and handed to the pipeline: a NIfTI or DICOM folder's source reads every header.
     source = make_source(self.config.data, 'train')
     self._num_classes = source.num_classes if self.config.monitor.enabled else 0
-    return pipeline.make_train_iterator(self.config, self.make_sampler(source),
-                                        process_index=process_index,
+    self._train_source, self._sampler = source, self.make_sampler(source)
+    return pipeline.make_train_iterator(self.config, self._sampler, process_index=process_index,
                                         process_count=process_count)
+
+  def epoch_records(self) -> tuple[int, str]:
+    """The sampler's records: scans, unless a method counts otherwise."""
+    return self._sampler.num_records, 'scans'
 
   @property
   def monitor_classes(self) -> int:

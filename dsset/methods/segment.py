@@ -29,6 +29,7 @@ WHOLE_MODEL = 'whole model'
 class SegmentMethod(DownstreamMethod):
 
   encoder_path = unet.ENCODER_PATH
+  train_records = 'train slices'
 
   def make_train_iterator(self, process_index=0, process_count=1, batch_multiple=1):
     del batch_multiple

@@ -76,6 +76,7 @@ class Segment3DMethod(DownstreamMethod):
   """The variables are the Segmentation3DModel's: the encoder under unet3d.ENCODER_PATH."""
 
   encoder_path = unet3d.ENCODER_PATH
+  train_records = 'train scans'
 
   @classmethod
   def check_config(cls, config):

@@ -47,16 +47,8 @@ class SwavMethod(ClusteringMethod):
   def prototype_counts(cls, config):
     return (int(config.swav.num_prototypes),)
 
-  @property
-  def _queue_length(self) -> int:
-    return int(self.config.swav.queue_length)
-
   def init_method_state(self, variables):
-    if not self._queue_length:
-      return {}
-    dim = int(self.config.model.head_out)
-    return {'queue': jnp.zeros((2, self._queue_length, dim), jnp.float32),
-            'queue_filled': jnp.zeros((), jnp.int32)}
+    return queue_state(int(self.config.swav.queue_length), int(self.config.model.head_out))
 
   def phase(self, step):
     return _FROZEN if step <= int(self.config.swav.freeze_prototypes_steps) else None
@@ -65,49 +57,78 @@ class SwavMethod(ClusteringMethod):
     return self.prototype_paths() if phase == _FROZEN else ()
 
   def before_step(self, params, method_state, step, rng, phase):
-    path = (prototype_name(0), 'kernel')
-    kernel = checkpointing.subtree(params, path)  # [D, K]: a prototype per column
-    return checkpointing.replace_subtree(params, path, l2_normalize(kernel, axis=0)), method_state
-
-  def _codes(self, scores, queue_scores, use_queue):
-    """Sinkhorn codes of the batch's scores [B, K], with the queue's scores [L, K] in the
-    transport problem when use_queue (traced)."""
-    s = self.config.swav
-    eps, iters = float(s.epsilon), int(s.sinkhorn_iterations)
-    if queue_scores is None:
-      return losses.sinkhorn(scores, eps, iters)
-    return jax.lax.cond(
-        use_queue,
-        lambda: losses.sinkhorn(jnp.concatenate([queue_scores, scores]), eps, iters)[
-            queue_scores.shape[0]:],
-        lambda: losses.sinkhorn(scores, eps, iters))
+    return unit_prototypes(params, prototype_name(0)), method_state
 
   def loss_with_state(self, params, batch_stats, method_state, batch, rng, phase):
     h, z, (scores,), labels, new_batch_stats = self.forward(params, batch_stats, batch, rng)
-    scores_a, scores_b = jnp.split(scores, 2)
-    z_a, z_b = jnp.split(jax.lax.stop_gradient(z), 2)
-    detached = jax.lax.stop_gradient(scores)
-    new_state = None
-    if method_state:
-      queue, filled = method_state['queue'], method_state['queue_filled']
-      # Scored against the prototypes of this step, as SwAV does.
-      prototypes = jax.lax.stop_gradient(params[prototype_name(0)]['kernel'])
-      queue_scores = [queue[0] @ prototypes, queue[1] @ prototypes]
-      use_queue = filled >= self._queue_length
-      new_queue = jnp.stack([jnp.concatenate([z_a, queue[0]])[:self._queue_length],
-                             jnp.concatenate([z_b, queue[1]])[:self._queue_length]])
-      new_state = {'queue': new_queue,
-                   'queue_filled': jnp.minimum(filled + z_a.shape[0], self._queue_length)}
-    else:
-      queue_scores, use_queue = [None, None], None
-    detached_a, detached_b = jnp.split(detached, 2)
-    codes_a = self._codes(detached_a, queue_scores[0], use_queue)
-    codes_b = self._codes(detached_b, queue_scores[1], use_queue)
-    loss = losses.swapped_prediction(scores_a, scores_b, codes_a, codes_b,
-                                     float(self.config.swav.temperature))
-    metrics = {'swav_loss': loss,
-               **cluster_usage(jnp.argmax(jnp.concatenate([codes_a, codes_b]), axis=-1),
-                               self.model.prototypes[0])}
-    if method_state:
-      metrics['queue_in_use'] = use_queue.astype(jnp.float32)
-    return loss, StepOutput(new_batch_stats, metrics, h, labels, method_state=new_state)
+    loss, metrics, new_state = swav_loss(scores, z, params[prototype_name(0)]['kernel'],
+                                         method_state, self.config.swav)
+    return loss, StepOutput(new_batch_stats, {'swav_loss': loss, **metrics}, h, labels,
+                            method_state=new_state)
+
+
+def queue_state(queue_length: int, dim: int) -> dict:
+  """A SwAV queue as method state ({} for queue_length 0): the unit projections [dim] of the last
+  queue_length examples of each view, and how many of them are filled."""
+  if not queue_length:
+    return {}
+  return {'queue': jnp.zeros((2, queue_length, dim), jnp.float32),
+          'queue_filled': jnp.zeros((), jnp.int32)}
+
+
+def unit_prototypes(params, name: str):
+  """params with the prototype layer `name`'s kernel [D, K] (a prototype per column) scaled to
+  unit columns."""
+  path = (name, 'kernel')
+  return checkpointing.replace_subtree(
+      params, path, l2_normalize(checkpointing.subtree(params, path), axis=0))
+
+
+def _codes(scores, queue_scores, use_queue, swav_config):
+  """Sinkhorn codes of the batch's scores [B, K], with the queue's scores [L, K] in the
+  transport problem when use_queue (traced)."""
+  eps, iters = float(swav_config.epsilon), int(swav_config.sinkhorn_iterations)
+  if queue_scores is None:
+    return losses.sinkhorn(scores, eps, iters)
+  return jax.lax.cond(
+      use_queue,
+      lambda: losses.sinkhorn(jnp.concatenate([queue_scores, scores]), eps, iters)[
+          queue_scores.shape[0]:],
+      lambda: losses.sinkhorn(scores, eps, iters))
+
+
+def swav_loss(scores, z, prototypes, queue: dict, swav_config):
+  """SwAV's swapped prediction between two views.
+
+  scores [2B, K]: the prototype scores of the unit projections z [2B, D] (rows: all first views,
+  then all second views) against prototypes [D, K]; queue: queue_state's dict ({}: none).
+  swav_config: temperature, epsilon and sinkhorn_iterations.
+  Returns (loss, metrics: cluster usage of the codes and, with a queue, whether it was in use,
+  the new queue state or None without a queue).
+  """
+  scores_a, scores_b = jnp.split(scores, 2)
+  z_a, z_b = jnp.split(jax.lax.stop_gradient(z), 2)
+  detached = jax.lax.stop_gradient(scores)
+  new_state = None
+  if queue:
+    past, filled = queue['queue'], queue['queue_filled']
+    length = past.shape[1]
+    # Scored against the prototypes of this step, as SwAV does.
+    prototypes = jax.lax.stop_gradient(prototypes)
+    queue_scores = [past[0] @ prototypes, past[1] @ prototypes]
+    use_queue = filled >= length
+    new_state = {'queue': jnp.stack([jnp.concatenate([z_a, past[0]])[:length],
+                                     jnp.concatenate([z_b, past[1]])[:length]]),
+                 'queue_filled': jnp.minimum(filled + z_a.shape[0], length)}
+  else:
+    queue_scores, use_queue = [None, None], None
+  detached_a, detached_b = jnp.split(detached, 2)
+  codes_a = _codes(detached_a, queue_scores[0], use_queue, swav_config)
+  codes_b = _codes(detached_b, queue_scores[1], use_queue, swav_config)
+  loss = losses.swapped_prediction(scores_a, scores_b, codes_a, codes_b,
+                                   float(swav_config.temperature))
+  metrics = cluster_usage(jnp.argmax(jnp.concatenate([codes_a, codes_b]), axis=-1),
+                          scores.shape[-1])
+  if queue:
+    metrics['queue_in_use'] = use_queue.astype(jnp.float32)
+  return loss, metrics, new_state

@@ -140,6 +140,9 @@ class BatchNorm(nn.Module):
     return y.astype(dtype)
 
 
+# Every BatchNorm class a model may hold (the fast path's and Flax's), for code that finds them.
+BATCH_NORMS = (nn.BatchNorm, BatchNorm)
+
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 

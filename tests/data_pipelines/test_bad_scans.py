@@ -82,7 +82,7 @@ def make_sampler(kind, source, on_bad_scan='skip'):
     return samplers.PerScanSampler(source, image_size=4, channels=1, omega=0.5,
                                    on_bad_scan=on_bad_scan)
   return samplers.DeepSetSampler(source, image_size=4, channels=1, omega=0.5, set_size=K,
-                                 variable_set_size=False, on_bad_scan=on_bad_scan)
+                                 on_bad_scan=on_bad_scan)
 
 
 def sample(sampler, record, seed=0):

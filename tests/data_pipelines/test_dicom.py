@@ -117,7 +117,7 @@ def test_compressed_without_decoder_names_file_and_package(tmp_path):
   path = str(tmp_path / 'p' / 'a.dcm')
   ff.write_dicom_jpeg_ls(path, ff.stored_values(shape=(16, 12, 1)))
   with pytest.raises(DataError, match=r'a\.dcm.*JPEG-LS.*pylibjpeg'):
-    make_source(_config(tmp_path, on_bad_scan='stop', set_size=1), 'train')
+    make_source(_config(tmp_path, on_bad_scan='stop'), 'train')
 
 
 def test_nothing_usable_names_data_path(tmp_path):

@@ -19,6 +19,8 @@ from data_pipelines.sources import dicom, nifti, png_folder
 import format_fixtures as ff
 
 GOOD = 'good.nii.gz'
+# data.min_slices of the parametrized test: the 2-slice scan is too short, every other one is not.
+MIN_SLICES = 3
 
 
 def _volume(shape=(6, 7, 8), seed=0):
@@ -72,7 +74,7 @@ def _header_field(offset, fmt, value):
 
 
 def _short(path):
-  _save(path, _volume((9, 9, 2)))  # 2 axial slices < data.set_size 3
+  _save(path, _volume((9, 9, 2)))  # 2 axial slices < MIN_SLICES
 
 
 def _unreadable(path):
@@ -98,8 +100,8 @@ CASES = [
      r'voxel spacing \(pixdim\) \(1.0, -2.0, 1.0\) must be positive', 'build'),
     ('huge dimensions', _header_field(40, '<4h', (3, 30000, 30000, 30000)),
      r'declares 27000000000000 voxels .* more than data.max_voxels', 'build'),
-    ('fewer slices than a set', _short, 'has 2 axial slices; a set needs data.set_size=3',
-     'build'),
+    ('fewer slices than data.min_slices', _short,
+     f'has 2 axial slices, fewer than data.min_slices={MIN_SLICES}', 'build'),
     ('unreadable permissions', _unreadable, 'permission denied', 'build'),
     ('symlink loop', _self_link, 'cannot be opened', 'build'),
 ]
@@ -115,7 +117,7 @@ def test_each_hostile_nifti_is_one_named_data_error(tmp_path, caplog, name, writ
   write(root / 'bad.nii.gz')
   bad_file = f'{root / "bad.nii.gz"}: '
   caplog.set_level(logging.WARNING)
-  source = nifti.make_source(ff.data_config(root), 'train')
+  source = nifti.make_source(ff.data_config(root, min_slices=MIN_SLICES), 'train')
   if found == 'build':
     # Skipped with a warning and a summary; the good scan remains.
     assert [e.scan_id for e in source.entries] == [GOOD]
@@ -123,10 +125,10 @@ def test_each_hostile_nifti_is_one_named_data_error(tmp_path, caplog, name, writ
     assert source.skipped[0].startswith(bad_file)
     assert '1 of 2 NIfTI files' in caplog.text
     with pytest.raises(DataError, match=bad_file + message):
-      nifti.make_source(ff.data_config(root, on_bad_scan='stop'), 'train')
+      nifti.make_source(ff.data_config(root, min_slices=MIN_SLICES, on_bad_scan='stop'), 'train')
     os.remove(root / GOOD)
     with pytest.raises(DataError, match='no usable NIfTI files'):  # nothing usable left
-      nifti.make_source(ff.data_config(root), 'train')
+      nifti.make_source(ff.data_config(root, min_slices=MIN_SLICES), 'train')
   else:
     # Only decoding shows the fault: reading the scan raises, naming the file.
     bad = [e.scan_id for e in source.entries].index('bad.nii.gz')
@@ -209,7 +211,7 @@ def test_fuzzed_nifti_gives_a_valid_volume_or_a_data_error(tmp_path_factory, exa
   name = 'scan.nii.gz' if compressed else 'scan.nii'
   (root / name).write_bytes(gzip.compress(data) if compressed else data)
   # A small cap keeps declared-but-absent voxels from costing memory in this test.
-  config = ff.data_config(root, max_voxels=10**6, variable_set_size=True, on_bad_scan='stop')
+  config = ff.data_config(root, max_voxels=10**6, on_bad_scan='stop')
   try:
     source = nifti.make_source(config, 'train')
     for i in range(len(source)):

@@ -128,18 +128,18 @@ def test_bad_files_are_named_and_skipped_or_stop(tmp_path, caplog):
   save(tmp_path / 'good.nii.gz', hu_volume((5, 6, 7)))
   save(tmp_path / 'flat.nii', hu_volume((6, 7)))
   (tmp_path / 'broken.nii.gz').write_bytes(b'not a nifti file')
-  save(tmp_path / 'thin.nii', hu_volume((9, 9, 2)), np.eye(4))  # 2 axial slices < set_size 3
+  save(tmp_path / 'thin.nii', hu_volume((9, 9, 2)), np.eye(4))  # 2 axial slices < min_slices 3
   caplog.set_level(logging.WARNING)
-  source = nifti.make_source(data_config(tmp_path, on_bad_scan='skip'), 'train')
+  source = nifti.make_source(data_config(tmp_path, on_bad_scan='skip', min_slices=3), 'train')
   messages = ' '.join(source.skipped)
   assert 'flat.nii: is 2D' in messages and 'broken.nii.gz: cannot be read' in messages
-  assert 'thin.nii: has 2 axial slices' in messages
+  assert 'thin.nii: has 2 axial slices, fewer than data.min_slices=3' in messages
   assert '3 of 4 NIfTI files' in caplog.text  # the summary line
   assert [os.path.basename(e.path) for e in source.entries] == ['good.nii.gz']
   with pytest.raises(DataError, match='broken.nii.gz: cannot be read'):  # the first bad file
     nifti.make_source(data_config(tmp_path, on_bad_scan='stop'), 'train')
-  # With padded sets a 2-slice scan is usable.
-  assert len(nifti.make_source(data_config(tmp_path, variable_set_size=True), 'train')) == 2
+  # By default (data.min_slices=1) a 2-slice scan is kept.
+  assert len(nifti.make_source(data_config(tmp_path), 'train')) == 2
 
 
 def test_nothing_usable_names_data_path(tmp_path):

@@ -44,14 +44,14 @@ def test_3d_volumes_are_exact_and_labelled(tmp_path):
 
 def test_2d_images_are_one_slice_scans(tmp_path):
   arrays = _write(tmp_path / 'pneumonia.npz', images_shape=(4, 8, 8))
-  scan = make_source(_config(tmp_path / 'pneumonia.npz', set_size=1), 'train')[1]
+  scan = make_source(_config(tmp_path / 'pneumonia.npz'), 'train')[1]
   assert scan.volume.shape == (1, 8, 8)
   np.testing.assert_array_equal(scan.volume[0], arrays['train_images'][1] / np.float32(255))
 
 
 def test_2d_colour_images_become_grey(tmp_path):
   _write(tmp_path / 'path.npz', images_shape=(4, 8, 8, 3))
-  scan = make_source(_config(tmp_path / 'path.npz', set_size=1), 'train')[0]
+  scan = make_source(_config(tmp_path / 'path.npz'), 'train')[0]
   assert scan.volume.shape == (1, 8, 8) and 0 <= scan.volume.min() <= scan.volume.max() <= 1
 
 
@@ -88,7 +88,8 @@ def test_truncated_and_corrupted_files_are_named(tmp_path):
     make_source(_config(tmp_path / 'missing.npz'), 'train')
 
 
-def test_sets_longer_than_the_volumes_are_refused(tmp_path):
+def test_volumes_shorter_than_min_slices_are_refused(tmp_path):
   _write(tmp_path / 'thin.npz', images_shape=(3, 2, 8, 8))
-  with pytest.raises(DataError, match='set_size'):
-    make_source(_config(tmp_path / 'thin.npz', set_size=3), 'train')
+  with pytest.raises(DataError, match='fewer than data.min_slices=3'):
+    make_source(_config(tmp_path / 'thin.npz', min_slices=3), 'train')
+  assert len(make_source(_config(tmp_path / 'thin.npz'), 'train')) == 3

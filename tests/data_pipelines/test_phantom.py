@@ -108,6 +108,15 @@ def test_too_few_scans_for_the_fractions_is_a_config_error():
     phantom.make_source(data_config(num_scans=8), 'train')
 
 
+def test_depth_below_min_slices_is_an_error_rather_than_no_scans():
+  config = data_config(depth=8)
+  config.min_slices = 9
+  with pytest.raises(DataError, match=r'data\.phantom\.depth=8 is below data\.min_slices=9'):
+    phantom.make_source(config, 'train')
+  config.min_slices = 8
+  assert len(phantom.make_source(config, 'train'))
+
+
 def test_tissues_keep_distinct_greys_in_the_default_window():
   scan = phantom.make_source(data_config(), 'train')[0]
   means = [scan.volume[scan.mask == i].mean() for i in phantom.MASK_IDS.values()]

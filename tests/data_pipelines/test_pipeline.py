@@ -39,7 +39,8 @@ def test_batches_follow_the_contract(method, k):
   config = small_config(method)
   config.data.channels = 3
   batch = next(make_method(config).make_train_iterator(0, 1))
-  assert batch['views'].shape == (4, 2, k, 16, 16, 3) and batch['views'].dtype == np.uint8
+  # Shipped at the phantom's own 24 px (samplers.ship_size); the device crops them to 16.
+  assert batch['views'].shape == (4, 2, k, 24, 24, 3) and batch['views'].dtype == np.uint8
   assert batch['mask'].shape == (4, 2, k) and batch['mask'].dtype == bool and batch['mask'].all()
   assert batch['scan_id'].shape == batch['label'].shape == (4,)
   assert batch['scan_id'].dtype == batch['label'].dtype == np.int32

@@ -1,4 +1,6 @@
-"""PNG slice folders: integer order, 8-bit scaling, labels, splits, bad files."""
+"""PNG slice folders: integer order, 8-bit scaling, labels, splits, bad files, short scans."""
+
+import importlib
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ from PIL import Image
 from configs.base import get_config
 from data_pipelines.errors import DataError
 from data_pipelines.sources import make_source
+from dsset.methods import make_method
 import format_fixtures as ff
 
 
@@ -83,8 +86,19 @@ def test_truncated_and_corrupted_files_are_named(tmp_path):
     make_source(_config(tmp_path), 'train')[0]
 
 
-def test_scans_shorter_than_a_set_are_skipped(tmp_path):
-  ff.write_png_folder(tmp_path / 'long', _volume(4))
-  ff.write_png_folder(tmp_path / 'short', _volume(2))
-  assert len(make_source(_config(tmp_path, set_size=3), 'train')) == 1
-  assert len(make_source(_config(tmp_path, set_size=3, variable_set_size=True), 'train')) == 2
+@pytest.mark.parametrize('min_slices, kept', [(1, ['long', 'one', 'short']), (3, ['long'])])
+def test_every_method_trains_on_the_same_scans(tmp_path, min_slices, kept):
+  """data.min_slices leaves out the same scans whatever the method's set size (by default none);
+  DS-SimCLR's sets of the scans shorter than K are K real slices."""
+  for name, depth in (('long', 4), ('short', 2), ('one', 1)):
+    ff.write_png_folder(tmp_path / name, _volume(depth))
+  for method in ('simclr', 'perscan', 'deepset'):
+    config = importlib.import_module(f'configs.{method}').get_config()
+    config.data = _config(tmp_path, image_size=16, set_size=config.data.set_size,
+                          window=config.data.window, min_slices=min_slices)
+    source = make_source(config.data, 'train')
+    sampler = make_method(config).make_sampler(source)
+    examples = [sampler.map(r) if method == 'simclr' else
+                sampler.random_map(r, np.random.default_rng(r)) for r in range(sampler.num_records)]
+    assert sorted({source[int(e['scan_id'])].scan_id for e in examples}) == kept, method
+    assert all(e['mask'].all() for e in examples)

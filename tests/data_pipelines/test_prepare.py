@@ -142,4 +142,6 @@ def test_every_sampler_reads_dicom_and_prepared_sources(tmp_path, method):
     else:
       example = sampler.random_map(1, np.random.default_rng(0))
     k = 1 if method != 'deepset' else config.data.set_size
-    assert example['views'].shape == (2, k, 8, 8, 1) and example['views'].dtype == np.uint8
+    # Neither source declares its slices' size: they ship at augment.crop_source_size (upsampled).
+    size = config.augment.crop_source_size
+    assert example['views'].shape == (2, k, size, size, 1) and example['views'].dtype == np.uint8

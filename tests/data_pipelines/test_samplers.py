@@ -1,5 +1,6 @@
 """Sampler indices follow docs/data.md ("Samplers") literally; examples follow the batch contract."""
 
+import importlib
 import math
 from fractions import Fraction
 
@@ -9,9 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configs import base
-from data_pipelines import samplers
+from data_pipelines import pipeline, samplers
 from data_pipelines.errors import DataError
+from data_pipelines.sources import make_source
 from data_pipelines.sources.base import Scan
+from dsset.methods import make_method
 
 # Window fractions with few decimals, as users write them; Fraction gives their exact ceil.
 omegas = st.integers(1, 99).map(lambda p: p / 100)
@@ -64,9 +67,48 @@ def test_set_is_floor_linspace_of_a_window(n, omega, k, highest):
   w = min(exact_width(n, omega), n - 1)
   i = n - w - 1 if highest else 0
   assert rng.bounds == [n - w]
-  expected = np.floor(np.linspace(i, i + w, min(k, n))).astype(int)
+  expected = np.floor(np.linspace(i, i + w, k)).astype(int)
   np.testing.assert_array_equal(indices, expected)
   assert indices.min() >= 0 and indices.max() <= n - 1
+
+
+class StartRng:
+  """Stands in for np.random.Generator: draws the given start and records the range it was asked
+  for."""
+
+  def __init__(self, start):
+    self.start = start
+    self.bounds = []
+
+  def integers(self, high):
+    self.bounds.append(high)
+    return self.start
+
+
+def reference_window(n, omega):
+  """(width, allowed starts) of the reference code's window (DavidTorpey/deepset-simclr,
+  src/data/dataset.py): w = ceil(omega * n) and a start uniform in 0..n - w - 1, except that when
+  no such start exists the window is slice 0 alone."""
+  w = math.ceil(Fraction(str(omega)) * n)
+  return (w, range(n - w)) if w <= n - 1 else (0, range(1))
+
+
+def reference_set(n, omega, k, start):
+  """The reference's set for a window start: linspace over the window, truncated to integers."""
+  w, _ = reference_window(n, omega)
+  return [int(x) for x in np.linspace(start, start + w, k)]
+
+
+def test_sets_are_the_references_at_its_window_for_every_scan_length():
+  # omega = 0.5 (the reference's): scans shorter than K repeat indices exactly as the reference's.
+  assert reference_set(2, 0.5, 3, start=0) == [0, 0, 1]
+  for n in range(1, 41):
+    starts = reference_window(n, 0.5)[1]
+    for k in range(1, 7):
+      for start in starts:
+        rng = StartRng(start)
+        assert samplers.set_indices(n, 0.5, k, rng).tolist() == reference_set(n, 0.5, k, start)
+        assert rng.bounds == [len(starts)]
 
 
 def test_set_start_is_uniform_over_every_allowed_start():
@@ -123,24 +165,37 @@ def test_perscan_sampler_reads_the_drawn_slices(n, omega, seed):
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 40), omega=omegas, k=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))
-def test_deepset_sampler_draws_two_independent_windows(n, omega, k, seed):
+@given(n=st.integers(1, 40), omega=omegas, k=st.integers(1, 5), seed=st.integers(0, 2**32 - 1),
+       short_scans=st.sampled_from(samplers.SHORT_SCANS))
+def test_deepset_sampler_draws_two_independent_windows(n, omega, k, seed, short_scans):
   sampler = samplers.DeepSetSampler(CountingSource([n]), image_size=4, channels=1, omega=omega,
-                                    set_size=k, variable_set_size=True)
+                                    set_size=k, short_scans=short_scans)
   example = sampler.random_map(0, np.random.default_rng(seed))
+  size = min(k, n) if short_scans == 'pad' else k
   rng = np.random.default_rng(seed)
-  expected = [samplers.set_indices(n, omega, k, rng).tolist() for _ in range(2)]
+  expected = [samplers.set_indices(n, omega, size, rng).tolist() for _ in range(2)]
   assert chosen_slices(example) == expected
-  # Short scans give padded sets: mask False and zero images beyond the scan's n slices.
-  assert example['mask'].sum(axis=1).tolist() == [min(k, n)] * 2
-  assert not example['views'][:, min(k, n):].any()
+  # 'pad': mask False and zero images beyond the scan's n slices; 'repeat': K real slices.
+  assert example['mask'].sum(axis=1).tolist() == [size] * 2
+  assert not example['views'][:, size:].any()
 
 
-def test_deepset_short_scan_without_padding_names_the_scan():
+@pytest.mark.parametrize('short_scans, indices, mask', [
+    ('repeat', [0, 0, 1], [True, True, True]),  # reference_set(2, 0.5, 3, start=0)
+    ('pad', [0, 1], [True, True, False]),
+])
+def test_k3_on_a_two_slice_scan(short_scans, indices, mask):
   sampler = samplers.DeepSetSampler(CountingSource([2]), image_size=4, channels=1, omega=0.5,
-                                    set_size=3, variable_set_size=False)
-  with pytest.raises(DataError, match='scan0: 2 slices'):
-    sampler.random_map(0, np.random.default_rng(0))
+                                    set_size=3, short_scans=short_scans)
+  example = sampler.random_map(0, np.random.default_rng(0))
+  assert chosen_slices(example) == [indices] * 2
+  assert example['mask'].tolist() == [mask] * 2
+
+
+def test_unknown_short_scans_value_names_the_key():
+  with pytest.raises(DataError, match='data.short_scans'):
+    samplers.DeepSetSampler(CountingSource([2]), image_size=4, channels=1, omega=0.5, set_size=3,
+                            short_scans='drop')
 
 
 def test_resize_slice_is_bilinear_uint8_repeated_to_channels():
@@ -150,3 +205,30 @@ def test_resize_slice_is_bilinear_uint8_repeated_to_channels():
   assert (out[..., 0] == out[..., 2]).all()
   assert (np.diff(out[0, :, 0].astype(int)) > 0).all()  # the ramp survives
   np.testing.assert_array_equal(samplers.resize_slice(np.full((5, 5), 0.5), 5, 1), 128)
+
+
+@pytest.mark.parametrize('cap, edge, expected', [
+    (0, None, 16),  # 0: slices ship at the model's input size
+    (8, None, 16),  # a cap below data.image_size changes nothing
+    (40, None, 40),  # a source that does not know its slices' size ships at the cap
+    (40, 24, 24),  # never above the largest native edge a source declares ...
+    (40, 12, 16),  # ... nor below data.image_size
+])
+def test_ship_size_rule(cap, edge, expected):
+  source = CountingSource([3])
+  if edge is not None:
+    source.max_slice_edge = edge
+  assert samplers.ship_size(source, 16, cap) == expected
+
+
+@pytest.mark.parametrize('config_file', ['simclr', 'perscan', 'deepset', 'deepcluster_v2'])
+def test_pretraining_ships_at_the_ship_size_and_evaluation_at_image_size(config_file):
+  config = importlib.import_module(f'configs.{config_file}').get_config('tiny')
+  config.data.image_size = 16  # the tiny phantom's slices are 32 px: cropped from 32, not 16
+  sampler = make_method(config).make_sampler(make_source(config.data, 'train'))
+  assert sampler.ship_size == 32 == config.data.phantom.height
+  batch = next(pipeline.make_train_iterator(config, sampler, process_index=0, process_count=1))
+  b, k = config.train.batch_size, config.data.set_size
+  assert batch['views'].shape == (b, 2, k, 32, 32, 1)
+  eval_example = next(iter(pipeline.make_eval_dataset(config, 'train', 'slice')))
+  assert eval_example['image'].shape == (16, 16, 1)

@@ -40,6 +40,8 @@ def test_linear_eval_random_init_writes_results_and_plots(tmp_path):
     assert 0 <= written[key] <= 1
   assert written['method'] == 'random init'
   assert (written['kind'], written['level'], written['label_fraction']) == ('linear', 'scan', 0.5)
+  assert (written['recompute_batch_stats'], written['batch_stats_recomputed']) == ('random_init',
+                                                                                   True)
   assert written['weight_decay'] in tiny_eval_config(linear_eval).evaluate.weight_decays
   # Half of the train scans, stratified: every class keeps at least one.
   assert 0 < written['num_examples']['train'] < 16
@@ -62,6 +64,7 @@ def test_knn_slice_eval_loads_the_pretrained_encoder(tmp_path):
   config.init_from = str(tmp_path / 'pretrain')
   result = evaluate(config, str(tmp_path / 'eval'))
   assert (result['method'], result['kind'], result['level']) == ('perscan', 'knn', 'slice')
+  assert not result['batch_stats_recomputed']  # a pretrained encoder keeps its statistics
   # Slice level: every slice of every labelled test scan is an example.
   assert result['num_examples']['test'] % 8 == 0 and result['num_examples']['test'] > 0
   assert not os.path.exists(tmp_path / 'eval' / CLASSIFICATION_PLOTS['curve'])  # no probe training
