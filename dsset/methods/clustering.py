@@ -17,11 +17,8 @@ import numpy as np
 from data_pipelines import samplers
 from dsset import models
 from dsset.methods.contrastive import SimclrMethod
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-24))
+# One unit-length helper for the 2D prototypes and the slice transformer's volume features.
+from dsset.models.slice_transformer import l2_normalize
 
 
 def prototype_name(head: int) -> str:
