@@ -143,6 +143,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'data.phantom.width': _int_at_least(8),
       'data.phantom.seed': _int_at_least(0),
       'data.phantom.noise_hu': _non_negative(),
+      'data.phantom.anatomy': _one_of('varied', 'uniform'),
       'augment.crop_source_size': _int_at_least(0),
       'augment.crop_scale': _range(1e-6, 1.0),
       'augment.crop_ratio': _range(1e-6, 1e6),
