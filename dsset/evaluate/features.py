@@ -11,6 +11,9 @@ Levels (config key evaluate.level):
                             (model.rho). For SimCLR and PS-SimCLR runs (no rho) this is the sum or
                             mean; for the random-init baseline, config.model's pooling and a
                             randomly initialised rho when config.model.rho is set.
+             'slice_transformer': the volume feature of intra-inter clustering's pretrained
+                            slice transformer (init_from must hold its slice_transformer.msgpack):
+                            dsset.evaluate.slice_transformer_features, which make_extractor picks.
 
 The encoder is the 2D backbone alone, in eval mode (BatchNorm running statistics), either loaded
 from a pretraining workdir (config key init_from) or randomly initialised from config.model with
@@ -50,7 +53,7 @@ from dsset.methods.contrastive import INPUT_MEAN, INPUT_STD
 from dsset.models import SetEncoder, layers, make_backbone, unet3d
 
 LEVELS = ('slice', 'scan')
-SCAN_FEATURES = ('mean', 'set_encoder')
+SCAN_FEATURES = ('mean', 'set_encoder', 'slice_transformer')
 RECOMPUTE_BATCH_STATS = ('random_init', 'always', 'never')
 RANDOM_INIT = 'random init'
 
@@ -159,6 +162,10 @@ class FeatureExtractor:
     """Features [n, D] of all slices of one scan -> its scan feature [D]."""
     if self.scan_features == 'mean':
       return slice_features.mean(axis=0, dtype=np.float64).astype(np.float32)
+    if self.scan_features != 'set_encoder':
+      # The volume feature needs the slices' tokens, not their features.
+      raise ValueError(f'evaluate.scan_features={self.scan_features!r} has its own extractor: '
+                       'build it with make_extractor')
     # Not jitted: one tiny call per scan, and real scans differ in slice count.
     pooled = self.set_encoder.apply(self.set_encoder_variables, jnp.asarray(slice_features)[None],
                                     train=False)
@@ -307,7 +314,13 @@ class FeatureExtractor:
 
 def make_extractor(config, variables: dict | None = None):
   """The feature extractor for the encoder under evaluation: FeatureExtractor for the 2D encoders,
-  dsset.evaluate.volume_features.VolumeFeatureExtractor for the 3D one."""
+  dsset.evaluate.volume_features.VolumeFeatureExtractor for the 3D one, and
+  dsset.evaluate.slice_transformer_features.SliceTransformerFeatureExtractor for
+  evaluate.scan_features='slice_transformer'."""
+  if str(config.evaluate.scan_features) == 'slice_transformer':
+    # First, before the encoder's export is read: a missing slice transformer is named as such.
+    from dsset.evaluate.slice_transformer_features import SliceTransformerFeatureExtractor
+    return SliceTransformerFeatureExtractor(config, variables)
   if encoder_model_config(config).backbone == unet3d.BACKBONE:
     from dsset.evaluate.volume_features import VolumeFeatureExtractor  # it builds on this module
     return VolumeFeatureExtractor(config, variables)

@@ -4,9 +4,18 @@ dsset.methods.segment.
 
 Examples are 2D slices with their mask slice (images resized bilinearly to data.image_size, masks
 with nearest neighbour so that ids stay ids).
+
+Dice is reported two ways, both on the image_size grid the slices are predicted on (a scan's
+masks resized as its images, not its native voxel grid): over every test pixel at once (`dice`
+of all slices: large volumes weigh more, and a class counts wherever it occurs), and per volume
+(`volume_dice`: a scan's predicted slices stacked into its volume, Dice per class of that volume,
+then each class's mean over the volumes), the usual figure for 3D segmentation benchmarks.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +47,43 @@ def dice(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
     return np.where(total > 0, 2.0 * overlap / total, np.nan)
 
 
+def volume_dice(pred: np.ndarray, target: np.ndarray, slice_counts: np.ndarray,
+                num_classes: int) -> np.ndarray:
+  """Hard Dice [V, num_classes] of each volume: its slices (consecutive runs of slice_counts [V]
+  rows of pred and target [N, H, W]) stacked into one volume, `dice` over its voxels (nan for a
+  class in neither the volume's prediction nor its truth)."""
+  if int(np.sum(slice_counts)) != len(pred) or len(pred) != len(target):
+    raise ValueError(f'{len(pred)} predicted and {len(target)} true slices for volumes of '
+                     f'{int(np.sum(slice_counts))} slices in all')
+  bounds = np.cumsum(slice_counts)[:-1]
+  return np.stack([dice(p, t, num_classes)
+                   for p, t in zip(np.split(pred, bounds), np.split(target, bounds))])
+
+
+def volume_dice_result(per_volume: np.ndarray, scan_ids: list[str]) -> dict:
+  """eval.json's per-volume keys from volume_dice's [V, C]:
+    volume_dice_per_class   each foreground class's mean over the volumes where it is defined;
+    volume_dice_mean        the mean of those over the classes (nan when none is defined);
+    volume_dice_background  class 0's mean over the volumes;
+    dice_per_volume         {scan_id, dice_per_class} per volume, null where undefined.
+  """
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)  # a class defined in no volume: nan
+    per_class = np.nanmean(per_volume, axis=0)
+  foreground = per_class[1:][~np.isnan(per_class[1:])]
+  num_classes = per_volume.shape[1]
+  return {
+      'volume_dice_mean': float(foreground.mean()) if foreground.size else float('nan'),
+      'volume_dice_per_class': {str(c): float(per_class[c]) for c in range(1, num_classes)},
+      'volume_dice_background': float(per_class[0]),
+      'dice_per_volume': [
+          {'scan_id': scan_id,
+           'dice_per_class': {str(c): None if np.isnan(row[c]) else float(row[c])
+                              for c in range(1, num_classes)}}
+          for scan_id, row in zip(scan_ids, per_volume)],
+  }
+
+
 def soft_dice_loss(logits: jax.Array, target: jax.Array, num_classes: int) -> jax.Array:
   """1 - mean soft Dice over the classes present in the batch's target (probabilities vs one-hot).
 
@@ -60,11 +106,27 @@ def resize_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
   return np.asarray(mask, np.int32)[rows.astype(int)[:, None], cols.astype(int)[None, :]]
 
 
+@dataclasses.dataclass
+class Volumes:
+  """Every slice of a split's scans, scan after scan, each scan's slices in order."""
+
+  images: np.ndarray  # uint8 [N, S, S, C]
+  masks: np.ndarray  # int32 [N, S, S]
+  slice_counts: np.ndarray  # int64 [V]: the scans' slices are consecutive runs of these lengths
+  scan_ids: list[str]  # [V], the source's names of the scans
+
+
 def read_split(config, split: str, keep_fraction: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
   """uint8 images [N, S, S, C] and int32 masks [N, S, S] of every slice of the split's scans.
 
   keep_fraction keeps a seeded share of the scans (stratified by scan label when there is one).
   """
+  volumes = read_volumes(config, split, keep_fraction)
+  return volumes.images, volumes.masks
+
+
+def read_volumes(config, split: str, keep_fraction: float = 1.0) -> Volumes:
+  """read_split, and which slices belong to which scan."""
   source = make_source(config.data, split)
   size, channels = int(config.data.image_size), int(config.data.channels)
   scans = [source[i] for i in range(len(source))]
@@ -83,7 +145,8 @@ def read_split(config, split: str, keep_fraction: float = 1.0) -> tuple[np.ndarr
                       'mask paths as the labels of a datalist)')
     images.append(samplers.scan_slices(scan, size, channels))
     masks.append(np.stack([resize_mask(m, size) for m in np.asarray(scan.mask)]))
-  return np.concatenate(images), np.concatenate(masks)
+  return Volumes(np.concatenate(images), np.concatenate(masks),
+                 np.asarray([len(m) for m in masks], np.int64), [str(s.scan_id) for s in scans])
 
 
 def num_classes(config, largest: int) -> int:

@@ -4,7 +4,9 @@ Training uses a seeded label fraction of the train scans (evaluate.label_fractio
 batches of their slices; the loss is soft multi-class Dice + cross-entropy. The first
 evaluate.segment_freeze_steps steps train the decoder alone (the encoder in eval mode, its weights
 unchanged). No augmentation: the comparison is about the starting encoder. Hard Dice per class is
-reported on the test split, with a grid of test slices (image, truth, prediction).
+reported on the test split, with a grid of test slices (image, truth, prediction): over all test
+pixels at once (dice_*), and per volume, each test scan's slice predictions stacked into its volume
+(volume_dice_*, dice_per_volume; dsset.evaluate.segment.volume_dice_result).
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ class SegmentMethod(DownstreamMethod):
 
   def finish(self, variables, workdir):
     num_classes = self.model.num_classes
-    test_images, test_masks = segment.read_split(self.config, 'test')
+    test = segment.read_volumes(self.config, 'test')
+    test_images, test_masks = test.images, test.masks
     if int(test_masks.max()) >= num_classes:
       raise DataError(f'the test masks hold id {int(test_masks.max())}, beyond the {num_classes} '
                       'classes of the train masks; set evaluate.segment_num_classes')
@@ -82,6 +85,8 @@ class SegmentMethod(DownstreamMethod):
         'dice_mean': dice_mean,
         'dice_per_class': {str(c): float(scores[c]) for c in range(1, num_classes)},
         'dice_background': float(scores[0]),
+        **segment.volume_dice_result(
+            segment.volume_dice(pred, test_masks, test.slice_counts, num_classes), test.scan_ids),
         'num_classes': num_classes,
         **self.common_result(),
         'num_steps': int(self.config.train.num_steps),

@@ -93,3 +93,15 @@ class SliceTransformer(nn.Module):
 def volume_feature(tokens: jax.Array) -> jax.Array:
   """The volume's representation: the mean of its output tokens [B, T, D], L2-normalised [B, D]."""
   return l2_normalize(jnp.mean(tokens.astype(jnp.float32), axis=1))
+
+
+def make_slice_transformer(settings, dtype: Any = jnp.float32) -> SliceTransformer:
+  """The SliceTransformer that the keys of model.slice_transformer describe: a ConfigDict, or the
+  plain dict of a run's config.json (so that evaluation rebuilds the pretrained one). d_model is
+  not an attribute: it is the width of the tokens given."""
+  return SliceTransformer(
+      num_layers=int(settings['num_layers']), num_heads=int(settings['num_heads']),
+      downsample=int(settings['downsample']), offset_kernel=int(settings['offset_kernel']),
+      offset_scale=float(settings['offset_scale']), position_bias=bool(settings['position_bias']),
+      ffn_hidden=int(settings['ffn_hidden']), dropout=float(settings['dropout']),
+      pre_ln=bool(settings['pre_ln']), dtype=dtype)
