@@ -16,4 +16,5 @@ def get_config(arg=None):
   config = base.get_config(arg)
   config.method = 'knn'
   base.downstream_training(config, arg, num_steps=1, batch_size=8, learning_rate=1e-3)
+  base.scan_level_test_set(config, arg)
   return config

@@ -9,8 +9,10 @@
 #   OUT_DIR    folder for every run and the report (default: runs/compare)
 #   NUM_SEEDS  seeds per method (default: 3)
 # Environment:
+#   METHODS  the 2D pretraining methods (default: 'simclr perscan deepset'); random init always runs.
 #   VARIANT  the config variant of every run (default: compare, the published comparison's settings
-#            in configs/base.py:compare_settings; 'tiny' for a smoke run). Pretraining runs
+#            in configs/base.py:compare_settings; 'tiny' for a smoke run; set but empty, VARIANT=,
+#            the configs' own defaults: the README's quick start and evaluation). Pretraining runs
 #            configs/<method>.py:VARIANT and evaluation configs/linear_eval.py:VARIANT, so encoder
 #            and data match; the evaluation-only settings (with 'compare': 1024 more labelled train
 #            scans for the probe) are in configs/base.py:downstream_training.
@@ -24,7 +26,9 @@ set -euo pipefail
 
 out_dir=${1:-runs/compare}
 num_seeds=${2:-3}
-variant=${VARIANT:-compare}
+variant=${VARIANT-compare}
+suffix=${variant:+:${variant}}  # configs/x.py:variant, or configs/x.py for the defaults
+read -r -a methods <<< "${METHODS:-simclr perscan deepset}"
 python=${PYTHON:-python}
 
 pretrain=()
@@ -45,21 +49,21 @@ if run_arm 3d; then
 fi
 if run_arm 2d; then
   for seed in $(seq 0 $((num_seeds - 1))); do
-    for method in simclr perscan deepset; do
+    for method in "${methods[@]}"; do
       run="${out_dir}/pretrain/${method}_seed${seed}"
       if [[ ! -f "${run}/backbone.msgpack" ]]; then
         echo "== pretraining ${method}, seed ${seed}"
-        "${python}" -m dsset.main --config="configs/${method}.py:${variant}" --workdir="${run}" \
+        "${python}" -m dsset.main --config="configs/${method}.py${suffix}" --workdir="${run}" \
           --config.seed="${seed}" "${pretrain[@]}" "${extra[@]}"
       fi
       echo "== linear probe of ${method}, seed ${seed}"
-      "${python}" -m dsset.main --config="configs/linear_eval.py:${variant}" \
+      "${python}" -m dsset.main --config="configs/linear_eval.py${suffix}" \
         --workdir="${out_dir}/eval/${method}_seed${seed}" --config.init_from="${run}" \
         --config.seed="${seed}" --config.evaluate.level=scan "${extra[@]}"
       eval_dirs+=("${out_dir}/eval/${method}_seed${seed}")
     done
     echo "== linear probe of a random-init encoder, seed ${seed}"
-    "${python}" -m dsset.main --config="configs/linear_eval.py:${variant}" \
+    "${python}" -m dsset.main --config="configs/linear_eval.py${suffix}" \
       --workdir="${out_dir}/eval/random_seed${seed}" --config.init_from= \
       --config.seed="${seed}" --config.evaluate.level=scan "${extra[@]}"
     eval_dirs+=("${out_dir}/eval/random_seed${seed}")

@@ -54,8 +54,8 @@ def test_recomputed_statistics_are_those_of_the_train_images(norm, monkeypatch):
   config = linear_eval.get_config('tiny')
   config.data.phantom.depth = 8  # 8 train scans: 64 slices, in batches of 40 and 24 (+16 padding)
   config.evaluate.batch_size = 40
-  extractor = features.FeatureExtractor(config)  # default 'random_init', and init_from is ''
-  assert extractor.batch_stats_settings == {'recompute_batch_stats': 'random_init',
+  extractor = features.FeatureExtractor(config)  # default 'always'
+  assert extractor.batch_stats_settings == {'recompute_batch_stats': 'always',
                                             'batch_stats_recomputed': True}
   images = np.concatenate([scan['slices'] for scan in
                            pipeline.make_eval_dataset(config, 'train', 'scan')])
