@@ -65,6 +65,9 @@ def _final_params(workdir):
     return flax.serialization.msgpack_restore(f.read())
 
 
+# -m slow: the SIGTERM test (tests/reliability/test_training_faults.py) checks resume == uninterrupted
+# by default; this is the same equality without a signal.
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
   """4 steps, then a second run to 8, gives the parameters of 8 uninterrupted steps.
 

@@ -244,6 +244,7 @@ def _save(path, array):
   nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
 
 
+@pytest.mark.slow  # 23 s; the sampler tests above check the skipping itself by default
 def test_all_nan_nifti_in_train_is_skipped_by_a_training_run(tmp_path, caplog):
   """A NIfTI folder whose train/ holds an all-NaN scan trains to the end under 'skip'.
 

@@ -53,7 +53,7 @@ def test_generating_a_default_scan_takes_milliseconds():
 
 
 def test_splits_are_disjoint_complete_and_balanced():
-  config = data_config()
+  config = data_config(num_scans=48)
   names = {}
   for split in ('train', 'val', 'test'):
     source = phantom.make_source(config, split)

@@ -40,8 +40,7 @@ def test_linear_eval_random_init_writes_results_and_plots(tmp_path):
     assert 0 <= written[key] <= 1
   assert written['method'] == 'random init'
   assert (written['kind'], written['level'], written['label_fraction']) == ('linear', 'scan', 0.5)
-  assert (written['recompute_batch_stats'], written['batch_stats_recomputed']) == ('random_init',
-                                                                                   True)
+  assert (written['recompute_batch_stats'], written['batch_stats_recomputed']) == ('always', True)
   assert written['weight_decay'] in tiny_eval_config(linear_eval).evaluate.weight_decays
   # Half of the train scans, stratified: every class keeps at least one.
   assert 0 < written['num_examples']['train'] < 16
@@ -62,6 +61,7 @@ def test_knn_slice_eval_loads_the_pretrained_encoder(tmp_path):
   config = tiny_eval_config(knn_eval, level='slice')
   _fake_pretraining_run(tmp_path / 'pretrain', config)
   config.init_from = str(tmp_path / 'pretrain')
+  config.evaluate.recompute_batch_stats = 'random_init'
   result = evaluate(config, str(tmp_path / 'eval'))
   assert (result['method'], result['kind'], result['level']) == ('perscan', 'knn', 'slice')
   assert not result['batch_stats_recomputed']  # a pretrained encoder keeps its statistics

@@ -288,6 +288,7 @@ def test_init_from_pth_through_the_method_and_the_feature_extractor(tmp_path):
   assert (model.backbone, model.small_stem, model.width_multiplier) == ('resnet10', True, 0.5)
   assert model.pooling == config.model.pooling
   assert features.pretraining_method(path) == 'torch weights (weights.pth)'
+  config.evaluate.recompute_batch_stats = 'never'  # the file's running statistics, as torch's
   extractor = features.FeatureExtractor(config)  # data.channels = 1, CPU fast path on
   grey = uint8_images(5, 32, 1)
   report('FeatureExtractor from .pth', extractor(grey),

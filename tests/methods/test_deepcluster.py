@@ -93,6 +93,7 @@ def test_configs_are_checked_and_too_many_clusters_is_one_clear_error(tmp_path):
     train.train_and_evaluate(tiny(**{'deepcluster.num_prototypes': (8, 100)}), str(tmp_path))
 
 
+@pytest.mark.slow  # 38 s; the default 8-device check is tests/test_train.py's simclr case
 def test_eight_devices_match_one_across_kmeans(tmp_path):
   """The bank, k-means and the loss are global: sharding the batch over 8 devices changes
   nothing (6 bank-filling steps, k-means, 2 trained steps)."""

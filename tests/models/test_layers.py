@@ -42,6 +42,7 @@ def fingerprint(lines):
 def test_variables_keep_their_names_and_shapes(name, small_stem, dtype, cpu_fast_path):
   config = base.get_config().model
   config.backbone = name.removeprefix('segmentation on ')
+  config.width_multiplier = 1.0  # the fingerprints are of the full-width networks
   config.small_stem, config.dtype, config.cpu_fast_path = small_stem, dtype, cpu_fast_path
   model = models.make_backbone(config)
   kwargs = {}

@@ -60,9 +60,10 @@ def _compare(shape, mask):
   jax.tree.map(check, fast, flax32, exact)
 
 
+# All -m slow: tests/models/test_cpu_fast_path.py runs ResNet-18 at 32 px, BatchNorm included, against
+# the plain path by default.
 @pytest.mark.parametrize('backbone,image_size', [
-    (backbone, size) if (backbone, size) == ('resnet18', 32)
-    else pytest.param(backbone, size, marks=pytest.mark.slow)
+    pytest.param(backbone, size, marks=pytest.mark.slow)
     for backbone in ('resnet18', 'resnet50') for size in resnet_shapes.RESOLUTIONS
 ])
 def test_matches_flax_at_resnet_shapes(backbone, image_size):

@@ -9,6 +9,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
@@ -39,6 +40,7 @@ CLI = ('import sys; sys.path.insert(0, {tests!r}); import test_stop_latency as t
            tests=os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # 27 s; SIGTERM handling itself runs by default in test_training_faults.py
 def test_sigterm_with_a_slow_step_and_a_long_log_interval_stops_within_one_step(tmp_path):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   env['XLA_FLAGS'] = xla_env.ONE_DEVICE  # one CPU device, as a user's laptop has
