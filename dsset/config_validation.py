@@ -101,6 +101,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
   from data_pipelines.samplers import SHORT_SCANS
   from data_pipelines.sources import SOURCES
   from dsset.evaluate.features import LEVELS, RECOMPUTE_BATCH_STATS, SCAN_FEATURES
+  from data_pipelines.sources.phantom import ANATOMIES
   from dsset.models import BACKBONES
   from dsset.models.unet3d import BACKBONE as UNET3D
   from dsset.optim import OPTIMIZERS
@@ -143,7 +144,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'data.phantom.width': _int_at_least(8),
       'data.phantom.seed': _int_at_least(0),
       'data.phantom.noise_hu': _non_negative(),
-      'data.phantom.anatomy': _one_of('varied', 'uniform'),
+      'data.phantom.anatomy': _one_of(*ANATOMIES),
       'augment.crop_source_size': _int_at_least(0),
       'augment.crop_scale': _range(1e-6, 1.0),
       'augment.crop_ratio': _range(1e-6, 1e6),
