@@ -5,7 +5,8 @@ method (dsset.methods) supplies the batches, variables, loss and what happens at
 export, or eval.json). The state is a plain dict pytree (params, batch_stats, opt_state, the online
 probe's params and optimiser state, step, rng, count of skipped non-finite steps, and the
 method's own untrained state when it keeps one: Method.init_method_state). It is created
-already replicated on the device mesh from abstract shapes, donated to the jitted step, and saved
+already on the device mesh from abstract shapes (replicated, but for method state a method splits
+over devices: state_shardings), donated to the jitted step, and saved
 whole with the data iterator's position, so a second run on the same workdir continues with the
 next batch.
 """
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsset import checkpointing, config_validation, optim, parallel, preemption, reporting
 from dsset.methods import Method, make_method
@@ -258,6 +260,19 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
   return result
 
 
+def state_shardings(method: Method, abstract_state: dict, mesh) -> dict:
+  """The loop state's sharding: replicated, except the method state, which lies as the method's
+  method_state_specs say (a memory bank split by rows over the data axis)."""
+  repl = parallel.replicated(mesh)
+  shardings = jax.tree.map(lambda _: repl, abstract_state)
+  if 'method_state' in abstract_state:
+    specs = method.method_state_specs(abstract_state['method_state'])
+    shardings['method_state'] = jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec), specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return shardings
+
+
 def _train(config, method: Method, workdir: str, mesh, train_iter) -> dict[str, Any]:
   """Trains to train.num_steps from the method's train_iter; returns the final
   {'params', 'batch_stats'} on the host."""
@@ -265,9 +280,10 @@ def _train(config, method: Method, workdir: str, mesh, train_iter) -> dict[str, 
   trainer = Trainer(config, method)
   repl = parallel.replicated(mesh)
   abstract = jax.eval_shape(trainer.init_state, jax.random.PRNGKey(config.seed))
-  state_sharding = jax.tree.map(lambda _: repl, abstract)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                          abstract)
+  state_sharding = state_shardings(method, abstract, mesh)
+  abstract = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                    sharding=sharding),
+                          abstract, state_sharding)
 
   manager = checkpointing.make_manager(workdir, config.checkpoint)
   start_step = manager.latest_step() or 0

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import ml_collections
+from jax.sharding import PartitionSpec
 
 from dsset import checkpointing
 from dsset.config_validation import ConfigError
@@ -108,12 +109,19 @@ class Method:
     """Non-trained state the method carries across steps (a queue, a memory bank, cluster
     assignments), as a dict of arrays; {} for none. Called after make_train_iterator (so sizes
     that depend on the data are known). It lives in the loop state under 'method_state',
-    replicated on the mesh, is saved and restored with the checkpoint, and reaches the method
+    placed on the mesh as method_state_specs says, is saved and restored with the checkpoint,
+    and reaches the method
     through before_step and loss_with_state; the new value comes back in StepOutput.method_state.
     Methods without state add nothing to the loop state, so their checkpoints do not change.
     """
     del variables
     return {}
+
+  def method_state_specs(self, method_state: dict) -> dict:
+    """How each array of init_method_state's dict lies on the device mesh: a PartitionSpec per
+    leaf over parallel.DATA_AXIS (e.g. a memory bank split by rows, so each device holds a share
+    of it). Leaves are ShapeDtypeStructs. Default: every array replicated."""
+    return jax.tree.map(lambda _: PartitionSpec(), method_state)
 
   def before_step(self, params, method_state: dict, step: jax.Array, rng: jax.Array,
                   phase: Hashable) -> tuple[Any, dict]:

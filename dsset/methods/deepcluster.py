@@ -1,10 +1,14 @@
 """DeepCluster-v2 (Caron et al., 2020) on slices: k-means pseudo-labels from a memory bank.
 
 Method state (checkpointed with the rest, so a resumed run continues the epoch exactly):
-  bank         [2, N, D] unit projections of every train record (flat slice index), per view,
+  bank         [2, M, D] unit projections of every train record (flat slice index), per view,
                overwritten as the records come by (the batch carries 'index');
-  assignments  [H, 2, N] the cluster of each record's view under head h's centroids;
+  assignments  [H, 2, M] the cluster of each record's view under head h's centroids;
   rounds       number of k-means rounds done (0 while the bank is first filled).
+Bank and assignments are split by rows over the devices (method_state_specs), so each device
+holds 1/devices of them. M is the N train records rounded up to a multiple of train.batch_size
+(which every device count must divide), so the layout, and a checkpoint, fit any device count the
+batch allows; rows N..M-1 are never written nor clustered.
 
 Epochs: an epoch is ceil(N / train.batch_size) steps. The first epoch only fills the bank (the
 reference code's init_memory pass, made of the loop's own batches): the loss is reported as 0 and
@@ -17,16 +21,17 @@ against the assignment of the same record's other view, averaged over heads and 
 
 The prototypes are frozen between k-means rounds unless deepcluster.train_prototypes (the released
 DeepCluster-v2 scripts freeze them for far longer than the run). Multi-crop is not implemented.
-The bank is replicated on every device (N x D floats per view): fine for up to millions of slices
-at D = 128 on a GPU, not beyond.
+k-means runs under jit over the whole (sharded) bank: XLA splits its matrix products and sums by
+rows and reduces the centroid sums across devices.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
-from dsset import checkpointing, losses, optim
+from dsset import checkpointing, losses, optim, parallel
 from dsset.config_validation import ConfigError
 from dsset.methods.base import StepOutput
 from dsset.methods.clustering import (ClusteringMethod, IndexedSimclrSampler, cluster_usage,
@@ -79,24 +84,39 @@ class DeepClusterMethod(ClusteringMethod):
   def init_method_state(self, variables):
     if not self._num_records:
       raise RuntimeError('init_method_state before make_train_iterator: the bank size is unknown')
-    n, dim, heads = self._num_records, int(self.config.model.head_out), len(self.model.prototypes)
-    return {'bank': jnp.zeros((2, n, dim), jnp.float32),
-            'assignments': jnp.zeros((heads, 2, n), jnp.int32),
+    dim, heads = int(self.config.model.head_out), len(self.model.prototypes)
+    rows = self.bank_rows
+    return {'bank': jnp.zeros((2, rows, dim), jnp.float32),
+            'assignments': jnp.zeros((heads, 2, rows), jnp.int32),
             'rounds': jnp.zeros((), jnp.int32)}
+
+  @property
+  def bank_rows(self) -> int:
+    """M: the train records rounded up to a multiple of the global batch, so the rows split
+    evenly over any device count the batch size allows."""
+    batch = int(self.config.train.batch_size)
+    return -(-self._num_records // batch) * batch
+
+  def method_state_specs(self, method_state):
+    rows = PartitionSpec(None, parallel.DATA_AXIS)
+    return {'bank': rows, 'assignments': PartitionSpec(None, None, parallel.DATA_AXIS),
+            'rounds': PartitionSpec()}
 
   def frozen_paths(self, phase):
     return () if self.config.deepcluster.train_prototypes else self.prototype_paths()
 
   def cluster(self, params, method_state, rng):
     """k-means for every head on the bank: new prototypes and assignments."""
-    bank = method_state['bank']
+    n = self._num_records
+    bank = method_state['bank'][:, :n]
     assignments = method_state['assignments']
     iterations = int(self.config.deepcluster.kmeans_iterations)
     for head, k in enumerate(self.model.prototypes):
       view = head % 2
       centroids, own = spherical_kmeans(bank[view], k, iterations, jax.random.fold_in(rng, head))
       other = jnp.argmax(bank[1 - view] @ centroids.T, axis=1).astype(jnp.int32)
-      assignments = assignments.at[head, view].set(own).at[head, 1 - view].set(other)
+      assignments = (assignments.at[head, view, :n].set(own)
+                     .at[head, 1 - view, :n].set(other))
       params = checkpointing.replace_subtree(params, (prototype_name(head), 'kernel'),
                                              centroids.T)
     return params, dict(method_state, assignments=assignments,
@@ -127,12 +147,13 @@ class DeepClusterMethod(ClusteringMethod):
     rows = jnp.arange(index.shape[0])
     later_twin = jnp.any((index[None, :] == index[:, None]) & (rows[None, :] > rows[:, None]),
                          axis=1)
-    n = method_state['bank'].shape[1]
-    target = jnp.where(later_twin, n, index)
+    past_the_end = method_state['bank'].shape[1]
+    target = jnp.where(later_twin, past_the_end, index)
     z = jax.lax.stop_gradient(z)
     bank = method_state['bank'].at[:, target].set(jnp.stack(jnp.split(z, 2)), mode='drop')
 
-    usage = [cluster_usage(assignments[head], k) for head, k in enumerate(self.model.prototypes)]
+    usage = [cluster_usage(assignments[head, :, :self._num_records], k)
+             for head, k in enumerate(self.model.prototypes)]
     metrics = {'deepcluster_loss': loss, 'kmeans_rounds': method_state['rounds'].astype(jnp.float32),
                **{key: jnp.mean(jnp.stack([u[key] for u in usage])) for key in usage[0]}}
     return loss, StepOutput(new_batch_stats, metrics, h, labels,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import configs.deepcluster_v2
-from dsset import config_validation, losses, train
+from dsset import config_validation, losses, parallel, train
 from dsset.methods import METHODS
 from dsset.methods.clustering import cluster_usage, kmeans_iteration, spherical_kmeans
 from dsset.methods.deepcluster import DeepClusterMethod
@@ -132,3 +132,42 @@ def test_resume_across_an_epoch_equals_uninterrupted(tmp_path):
     np.testing.assert_allclose([m[key] for m in a], [m[key] for m in b], rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                _final_params(split), _final_params(whole))
+
+
+def test_bank_is_split_by_rows_over_devices_and_kmeans_on_it_matches_one_device():
+  """Bank and assignments lie in row blocks over the 8 devices (rows: the train records rounded
+  up to the batch), the rest of the state is replicated, and k-means over the split bank gives
+  one device's centroids and assignments (rows past the records stay unclustered)."""
+  config = tiny()
+  method = DeepClusterMethod(config)
+  method.make_train_iterator()
+  n, batch = method._num_records, int(config.train.batch_size)
+  abstract = jax.eval_shape(train.Trainer(config, method).init_state, jax.random.PRNGKey(0))
+  shardings = train.state_shardings(method, abstract, parallel.make_mesh())
+  bank = abstract['method_state']['bank']
+  rows = bank.shape[1]
+  assert rows % batch == 0 and n <= rows < n + batch and rows % 8 == 0
+  assert shardings['method_state']['bank'].shard_shape(bank.shape) == (2, rows // 8, bank.shape[2])
+  assignments = abstract['method_state']['assignments']
+  assert shardings['method_state']['assignments'].shard_shape(assignments.shape)[2] == rows // 8
+  repl = parallel.replicated(parallel.make_mesh())
+  assert shardings['step'] == shardings['method_state']['rounds'] == repl
+  assert all(s == repl for s in jax.tree.leaves(shardings['params']))
+
+  rng = np.random.default_rng(3)
+  filled = np.zeros(bank.shape, np.float32)
+  filled[:, :n] = unit_rows(rng, 2 * n, bank.shape[2]).reshape(2, n, -1)
+  state = {'bank': filled, 'assignments': np.full(assignments.shape, -1, np.int32),
+           'rounds': np.int32(0)}
+  params = {f'prototypes_{h}': {'kernel': np.zeros((bank.shape[2], k), np.float32)}
+            for h, k in enumerate(method.model.prototypes)}
+  key = jax.random.PRNGKey(5)
+  split = jax.jit(method.cluster)(params, jax.device_put(state, shardings['method_state']), key)
+  one = jax.jit(method.cluster)(*jax.device_put((params, state, key), jax.devices()[0]))
+  (params_split, state_split), (params_one, state_one) = split, one
+  assert state_split['bank'].sharding == shardings['method_state']['bank']
+  np.testing.assert_array_equal(state_split['assignments'], state_one['assignments'])
+  assert (np.asarray(state_one['assignments'])[:, :, :n] >= 0).all()
+  assert (np.asarray(state_one['assignments'])[:, :, n:] == -1).all()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               params_split, params_one)
