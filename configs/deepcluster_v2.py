@@ -10,10 +10,9 @@ Keys this method reads: those of simclr.py except loss.*, and
                                  released scripts keep them fixed to the centroids).
 The first epoch (train slices / train.batch_size steps, rounded up) only fills the memory bank; the
 loss is 0 there and the encoder does not move. k-means needs at least as many train slices as the
-largest head has clusters: the phantom's default 48 scans give 1024, so the variants that keep
-3000 clusters use 144 scans (3328 train slices).
+largest head has clusters: the phantom's default 192 scans give 136 train scans, 4352 slices.
 Variants:
-  ''       3 x 3000 clusters, 144 phantom scans.
+  ''       3 x 3000 clusters.
   paper    the VISSL recipe as far as this project goes: ResNet-50, 3 x 3000, LARS with 0.3 per 256
            examples (batch 256), weight decay 1e-6, two 224 px views (grey slices resized to 224;
            multi-crop's small views are not implemented). Set train.num_epochs (epochs over the
@@ -40,8 +39,6 @@ def get_config(arg=None):
   d.temperature = 0.1
   d.kmeans_iterations = 10
   d.train_prototypes = False
-  if arg in (None, '', 'paper'):
-    config.data.phantom.num_scans = 144
   if arg == 'paper':
     base.vissl_paper_settings(config)
   elif arg == 'tiny':

@@ -13,11 +13,13 @@ Use the variant of the pretraining run (:compare, :paper, :tiny) so data and enc
   evaluate.label_fraction   share of the labelled train scans, stratified and seeded by config.seed.
   evaluate.weight_decays    the L2 grid; one probe per value is trained and val picks one.
   evaluate.batch_size       images per encoder call while extracting features.
-  evaluate.recompute_batch_stats  'random_init' (default) | 'always' | 'never': first set the
-                            encoder's BatchNorm running statistics to those of the train images.
+  evaluate.recompute_batch_stats  'always' (default) | 'random_init' | 'never': first set the
+                            encoder's BatchNorm running statistics to those of the train images
+                            (always, or for a random-init encoder only).
   train.num_steps / learning_rate / batch_size   the probe's Adam steps; full batch while the train
                             examples fit in train.batch_size.
-  data.phantom.extra_eval_scans  400 without a variant (configs/base.py:scan_level_test_set): 200
+  data.phantom.extra_eval_scans  400 without a variant and with :compare
+                            (configs/base.py:scan_level_test_set): 200
                             more held-out val and test scans each, so the plain command has a test
                             set that tells methods apart.
 """

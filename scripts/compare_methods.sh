@@ -1,34 +1,34 @@
 #!/usr/bin/env bash
-# Pretrains SimCLR, PS-SimCLR (perscan) and DS-SimCLR (deepset) on the phantom for N seeds, adds a
-# random-init baseline, runs the scan-level linear probe on every encoder, and builds the
-# comparison report. With ARMS='2d 3d' it also runs the 3D arm (scripts/compare_3d.sh: the five 3D
-# proxy tasks and a random-init 3D U-Net, segment3d and the 3D probe) into OUT_DIR/3d and puts both
-# arms in one report. See docs/reproducing.md.
+# Pretrains SimCLR, PS-SimCLR (perscan), DS-SimCLR (deepset), SwAV and DeepCluster-v2 on the phantom
+# for N seeds, adds a random-init baseline, runs the scan-level linear probe on every encoder, and
+# builds the comparison report. With ARMS='2d 3d' it also runs the 3D arm (scripts/compare_3d.sh:
+# the five 3D proxy tasks and a random-init 3D U-Net, segment3d and the 3D probe) into OUT_DIR/3d
+# and puts both arms in one report. See docs/reproducing.md.
 #
 # Usage: scripts/compare_methods.sh [OUT_DIR] [NUM_SEEDS]
 #   OUT_DIR    folder for every run and the report (default: runs/compare)
 #   NUM_SEEDS  seeds per method (default: 3)
 # Environment:
-#   METHODS  the 2D pretraining methods (default: 'simclr perscan deepset'); random init always runs.
-#   VARIANT  the config variant of every run (default: compare, the published comparison's settings
-#            in configs/base.py:compare_settings; 'tiny' for a smoke run; set but empty, VARIANT=,
-#            the configs' own defaults: the README's quick start and evaluation). Pretraining runs
-#            configs/<method>.py:VARIANT and evaluation configs/linear_eval.py:VARIANT, so encoder
-#            and data match; the evaluation-only settings (with 'compare': 1024 more labelled train
-#            scans for the probe) are in configs/base.py:downstream_training.
+#   METHODS  the 2D pretraining methods (default: 'simclr perscan deepset swav deepcluster_v2');
+#            random init always runs.
+#   VARIANT  the config variant of every run (default: compare, the comparison's settings chosen on
+#            the validation split, configs/base.py:compare_settings - today the quick start's;
+#            'tiny' for a smoke run; set but empty, VARIANT=, the configs' own defaults, the
+#            README's quick start and evaluation). Pretraining runs configs/<method>.py:VARIANT and
+#            evaluation configs/linear_eval.py:VARIANT, so encoder and data match.
 #   STEPS    pretraining steps (train.num_steps of pretraining only; default: the variant's own)
 #   EXTRA    more --config.* overrides, applied to pretraining and evaluation alike
 #   PYTHON   the Python interpreter (default: python)
 #   ARMS     '2d' (default), '3d' or '2d 3d'. The 3D arm reads its own settings: VARIANT_3D (its
 #            configs' variant; default none, the 3D configs' own defaults; 'tiny' for a smoke run),
-#            EXTRA_3D, and compare_3d.sh's METHODS, PRETRAIN_STEPS and SEGMENT_STEPS.
+#            EXTRA_3D, METHODS_3D (compare_3d.sh's METHODS), PRETRAIN_STEPS and SEGMENT_STEPS.
 set -euo pipefail
 
 out_dir=${1:-runs/compare}
 num_seeds=${2:-3}
 variant=${VARIANT-compare}
 suffix=${variant:+:${variant}}  # configs/x.py:variant, or configs/x.py for the defaults
-read -r -a methods <<< "${METHODS:-simclr perscan deepset}"
+read -r -a methods <<< "${METHODS:-simclr perscan deepset swav deepcluster_v2}"
 python=${PYTHON:-python}
 
 pretrain=()
@@ -43,7 +43,7 @@ run_arm() { [[ " ${arms[*]} " == *" $1 "* ]]; }
 mkdir -p "${out_dir}"
 eval_dirs=()
 if run_arm 3d; then
-  VARIANT="${VARIANT_3D:-}" EXTRA="${EXTRA_3D:-}" PYTHON="${python}" \
+  VARIANT="${VARIANT_3D:-}" EXTRA="${EXTRA_3D:-}" METHODS="${METHODS_3D:-}" PYTHON="${python}" \
     "$(dirname "$0")/compare_3d.sh" "${out_dir}/3d" "${num_seeds}"
   mapfile -t eval_dirs < "${out_dir}/3d/runs.txt"
 fi
