@@ -11,10 +11,10 @@ The text after the colon names a stage and/or a size, comma-separated (e.g. `:st
            trains. Set init_from to the stage-2 workdir (encoder, slice embedding, transformer).
   joint    (the default when no stage is named) one run of the weighted sum of the intra, mask and
            inter losses, from scratch or from init_from.
-  sizes    '' (this CPU: ResNet-10 at half width, 64 px slices, stacks of 16, a 2-layer transformer
-           of width 128), 'paper' (the released code: ResNet-50, 128 px, 64 slices, width 640, 4
-           layers, LARS at 0.01, 100 epochs with 10 of warm-up), 'compare' (configs/base.py's
-           comparison data), 'tiny' (tests and smoke runs).
+  sizes    '' (this CPU: the quick start's ResNet-10 at half width on 32 px slices, stacks of 16,
+           a 2-layer transformer of width 128), 'paper' (the released code: ResNet-50, 128 px, 64
+           slices, width 640, 4 layers, LARS at 0.01, 100 epochs with 10 of warm-up), 'compare'
+           (configs/base.py's comparison settings), 'tiny' (tests and smoke runs).
 scripts/intra_inter_stages.sh runs the three stages in a row.
 
 Keys this method reads beyond the shared ones (stage 1 reads configs/swav.py's):
@@ -74,15 +74,13 @@ def get_config(arg=None):
 
 
 def shared_settings(config, size) -> None:
-  """The encoder and data every stage shares, so that each one's export fits the next."""
+  """The encoder and data every stage shares, so that each one's export fits the next. Other
+  sizes keep configs/base.py's (the quick start's and the comparison's), so that the 2D methods'
+  evaluations read intra_inter's encoders at the same image size."""
   if size == 'paper':
     config.model.backbone = 'resnet50'
     config.model.width_multiplier = 1.0
     config.data.image_size = 128
-  elif size != 'tiny':
-    config.model.backbone = 'resnet10'
-    config.model.width_multiplier = 0.5
-    config.data.image_size = 64
 
 
 def intra_inter_config(size, stage):

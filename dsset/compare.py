@@ -88,6 +88,9 @@ def summarise(runs: Sequence[dict]) -> list[dict]:
       run = {**run, 'level': DEFAULT_LEVEL[run['kind']]}
     # eval.json files written before the encoder was recorded still group (as encoder '?').
     run = {'backbone': '?', **run}
+    # Scan features other than the mean of slice features are another evaluation of the encoder.
+    if run.get('scan_features', 'mean') != 'mean' and 'kind' in run:
+      run['kind'] = f"{run['kind']} ({run['scan_features']})"
     missing = [k for k in (*GROUP_KEYS, *metrics_of(run)) if k not in run]
     if missing:
       raise CompareError(f'an eval.json lacks {", ".join(missing)}')

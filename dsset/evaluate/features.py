@@ -90,7 +90,9 @@ def encoder_model_config(config) -> ml_collections.ConfigDict:
 
 
 def pretraining_method(init_from: str) -> str:
-  """The method of the pretraining run in `init_from` (its config.json), or 'random init'."""
+  """The method of the pretraining run in `init_from` (its config.json), or 'random init'. An
+  intra_inter run names its objective too ('intra_inter:mask', ':inter', ':joint'), since its
+  stages are different encoders that a comparison must not pool."""
   if not init_from:
     return RANDOM_INIT
   if checkpointing.is_torch_file(init_from):
@@ -98,10 +100,13 @@ def pretraining_method(init_from: str) -> str:
   path = os.path.join(init_from, 'config.json')
   try:
     with open(path) as f:
-      return str(json.load(f)['method'])
+      config = json.load(f)
+    method = str(config['method'])
   except (OSError, KeyError, ValueError) as e:
     raise ConfigError(f'config key init_from={init_from!r}: cannot read the method from {path} '
                       f'({e})') from None
+  objective = config.get('intra_inter', {}).get('objective')
+  return f'{method}:{objective}' if objective else method
 
 
 def normalise_images(images: jax.Array) -> jax.Array:

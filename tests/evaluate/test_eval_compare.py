@@ -140,3 +140,14 @@ def test_2d_and_3d_encoders_are_separate_rows(tmp_path):
       ('resnet10', 1, 0.5), ('unet3d', 2, 0.5)]
   text = (tmp_path / 'report.md').read_text()
   assert '| random init | unet3d | linear | scan | 100 % | 2 | 8 scans | 0.500 ± 0.354 |' in text
+
+
+def test_scan_features_other_than_the_mean_are_their_own_rows(tmp_path):
+  runs = [_write(tmp_path / 'm0', 'intra_inter:inter', 0.5, 0, scan_features='mean'),
+          _write(tmp_path / 't0', 'intra_inter:inter', 0.7, 0, scan_features='slice_transformer'),
+          _write(tmp_path / 't1', 'intra_inter:inter', 0.6, 1, scan_features='slice_transformer'),
+          _write(tmp_path / 'old', 'intra_inter:inter', 0.4, 2)]  # written before scan_features
+  rows = compare.write_report(runs, str(tmp_path / 'report.md'))
+  assert [(r['kind'], r['n']) for r in rows] == [('linear', 2), ('linear (slice_transformer)', 2)]
+  text = (tmp_path / 'report.md').read_text()
+  assert '| intra_inter:inter | resnet10 | linear (slice_transformer) | scan | 100 % | 2 |' in text

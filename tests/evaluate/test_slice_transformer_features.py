@@ -113,14 +113,16 @@ def test_scan_feature_is_the_methods_volume_feature_of_the_central_stack(tmp_pat
 
 
 def test_linear_probe_and_knn_read_the_volume_feature(tmp_path):
-  fake_intra_inter_run(tmp_path / 'pretrain')
+  method, _ = fake_intra_inter_run(tmp_path / 'pretrain')
+  # The stage (objective) is part of the method's name: the comparison keeps stages apart.
+  name = f'intra_inter:{method.config.intra_inter.objective}'
   for module in (linear_eval, knn_eval):
     config = eval_config(module, tmp_path / 'pretrain')
     validate(config)
     result = train.train_and_evaluate(config, str(tmp_path / module.__name__),
                                       devices=jax.devices()[:1])
     assert (result['method'], result['scan_features'], result['level']) == (
-        'intra_inter', 'slice_transformer', 'scan')
+        name, 'slice_transformer', 'scan')
     assert result['num_features'] == 16  # d_model, not the ResNet's 64
     assert 0 <= result['accuracy'] <= 1 and result['num_examples']['test'] > 0
 
