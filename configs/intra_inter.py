@@ -103,6 +103,8 @@ def intra_inter_config(size, stage):
 
   # SwAV's settings of configs/swav.py, with fewer prototypes for batches of a few volumes.
   s = config.swav = swav.get_config(size).swav
+  # The intra term's slices get two views each; SwAV's multi-crop is the stage-1 (swav) run's.
+  s.num_small_crops = 0
   s.num_prototypes = 32
   # A few steps of 8 volumes: Sinkhorn over one batch alone gives nearly flat codes.
   s.queue_length = 64

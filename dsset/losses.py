@@ -1,5 +1,7 @@
 """Contrastive losses as pure functions of embeddings."""
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -72,22 +74,32 @@ def sinkhorn(scores: jax.Array, epsilon: float, iterations: int) -> jax.Array:
 
 
 def swapped_prediction(scores_a: jax.Array, scores_b: jax.Array, codes_a: jax.Array,
-                       codes_b: jax.Array, temperature: float) -> jax.Array:
+                       codes_b: jax.Array, temperature: float,
+                       small_scores: Sequence[jax.Array] = ()) -> jax.Array:
   """SwAV's loss: each view's scores predict the other view's codes (cross-entropy of the softmax
   of scores / temperature against the soft codes), averaged over both directions and the batch.
 
+  With multi-crop, the small views have no codes of their own and predict both: each large view's
+  codes are predicted by every other view (the other large one and all small ones), the loss is
+  the mean over those predicting views, then over the two codes. With no small views that is the
+  two directions above.
+
   Args:
-    scores_a, scores_b: prototype scores of the two views [B, K].
+    scores_a, scores_b: prototype scores of the two (large) views [B, K].
     codes_a, codes_b: their codes [B, K] (rows sum to 1; treated as constants).
     temperature: softmax temperature (SwAV: 0.1).
+    small_scores: prototype scores [B, K] of each further (small) view.
   """
-  dtype = jnp.promote_types(jnp.result_type(scores_a, scores_b), jnp.float32)
-  log_p_a = jax.nn.log_softmax(scores_a.astype(dtype) / temperature, axis=-1)
-  log_p_b = jax.nn.log_softmax(scores_b.astype(dtype) / temperature, axis=-1)
-  codes_a, codes_b = jax.lax.stop_gradient(codes_a), jax.lax.stop_gradient(codes_b)
-  a_from_b = -jnp.mean(jnp.sum(codes_b * log_p_a, axis=-1))
-  b_from_a = -jnp.mean(jnp.sum(codes_a * log_p_b, axis=-1))
-  return 0.5 * (a_from_b + b_from_a)
+  views = (scores_a, scores_b, *small_scores)
+  dtype = jnp.promote_types(jnp.result_type(*views), jnp.float32)
+  log_p = [jax.nn.log_softmax(scores.astype(dtype) / temperature, axis=-1) for scores in views]
+  total = 0.0
+  for coded, codes in enumerate((codes_a, codes_b)):
+    codes = jax.lax.stop_gradient(codes)
+    predicting = [log_p_view for view, log_p_view in enumerate(log_p) if view != coded]
+    total += sum(-jnp.mean(jnp.sum(codes * log_p_view, axis=-1))
+                 for log_p_view in predicting) / len(predicting)
+  return total / 2
 
 
 def cluster_cross_entropy(scores: jax.Array, targets: jax.Array, temperature: float) -> jax.Array:

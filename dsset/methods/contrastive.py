@@ -28,6 +28,13 @@ INPUT_MEAN = 0.5
 INPUT_STD = 0.25
 
 
+def normalised_views(rng, shipped, augment_config, size: int):
+  """The augment section's pipeline on shipped uint8 views [B, V, K, H, W, C] at output side
+  `size`, normalised and view first: float [V, B, K, size, size, C]."""
+  views = augment.augment_views(rng, shipped, augment_config, size)
+  return jnp.moveaxis((views - INPUT_MEAN) / INPUT_STD, 1, 0)
+
+
 class ContrastiveModel(nn.Module):
   """views [N, K, H, W, C] + mask [N, K] -> (representation h [N, D], projection z [N, out])."""
 
@@ -87,10 +94,9 @@ class ContrastiveMethod(PretrainingMethod):
   def augmented_inputs(self, batch, rng):
     """uint8 views [B, 2, K, H, W, C] -> normalised float views [2, B, K, H, W, C] and mask
     [2, B, K], view first (each view's B rows keep the batch's sharding)."""
-    views = augment.augment_views(rng, batch['views'], self.config.augment,
-                                  self.config.data.image_size)
-    views = (views - INPUT_MEAN) / INPUT_STD
-    return jnp.moveaxis(views, 1, 0), jnp.moveaxis(batch['mask'], 1, 0)
+    views = normalised_views(rng, batch['views'], self.config.augment,
+                             int(self.config.data.image_size))
+    return views, jnp.moveaxis(batch['mask'], 1, 0)
 
   def apply_train(self, params, batch_stats, views, mask):
     """The model in train mode on both views of augmented_inputs: (its outputs over 2B rows, all

@@ -270,6 +270,10 @@ class IntraInterMethod(PretrainingMethod):
       raise ConfigError(f'config key intra_inter.augment.num_transforms={aug.num_transforms}: '
                         f'the two views need {needed} of the {len(aug.transforms)} transforms '
                         f'(intra_inter.augment.distinct_views={aug.distinct_views})')
+    if config.swav.num_small_crops:
+      raise ConfigError(f'config key swav.num_small_crops={config.swav.num_small_crops}: '
+                        'intra_inter has no multi-crop (its intra slices get two views); train '
+                        'stage 1 (configs/intra_inter.py:stage1, the swav method) with it instead')
     m = config.intra_inter
     if m.objective == 'joint' and m.intra_slices > config.data.num_slices:
       raise ConfigError(f'config key intra_inter.intra_slices={m.intra_slices} is more than the '

@@ -218,6 +218,7 @@ def test_every_variant_is_valid_and_fully_checked(arg):
     ('data.num_slices', 0, None),
     ('model.slice_transformer.num_heads', 3, 'model.slice_transformer.d_model'),
     ('model.backbone', 'unet3d', None),
+    ('swav.num_small_crops', 2, None),  # multi-crop is stage 1's (swav), not intra_inter's
 ])
 def test_a_bad_value_names_its_key(key, value, named):
   with pytest.raises(ConfigError, match=(named or key).replace('.', r'\.')):
