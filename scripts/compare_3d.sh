@@ -32,15 +32,12 @@ if [[ -n "${SEGMENT_STEPS:-}" ]]; then
   segment+=(--config.train.num_steps="${SEGMENT_STEPS}")
 fi
 
-run() {  # run CONFIG WORKDIR ARGS...: skipped when the workdir already holds its result
-  local config=$1 workdir=$2
-  shift 2
-  if [[ -f "${workdir}/eval.json" || -f "${workdir}/backbone.msgpack" ]]; then
-    return
-  fi
-  echo "== ${config} -> ${workdir}"
-  "${python}" -m dsset.main --config="configs/${config}.py${suffix}" --workdir="${workdir}" \
-    "$@" "${extra[@]}"
+# shellcheck source=scripts/run_once.sh
+source "$(dirname "$0")/run_once.sh"
+run() {  # run CONFIG WORKDIR ARGS...: configs/CONFIG.py with this script's variant
+  local config=$1
+  shift
+  run_once "${config}.py${suffix}" "$@"
 }
 
 mkdir -p "${out_dir}"

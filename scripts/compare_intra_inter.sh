@@ -17,8 +17,8 @@
 #              comparison's OUT/pretrain): those are stage 1, instead of training it again here.
 #   EXTRA      more --config.* overrides, applied to every run (data and encoder must match)
 #   PYTHON     the Python interpreter (default: python)
-# A run whose folder holds its result (backbone.msgpack or eval.json) is not repeated, so an
-# interrupted comparison can be restarted.
+# A run whose folder holds its result (backbone.msgpack or eval.json) is not repeated
+# (scripts/run_once.sh), so an interrupted comparison can be restarted.
 set -euo pipefail
 
 out_dir=${1:-runs/compare_intra_inter}
@@ -33,15 +33,8 @@ if [[ -n "${STEPS:-}" ]]; then
   steps+=(--config.train.num_steps="${STEPS}")
 fi
 
-run() {  # run CONFIG WORKDIR ARGS...: skipped when the workdir already holds its result
-  local config=$1 workdir=$2
-  shift 2
-  if [[ -f "${workdir}/eval.json" || -f "${workdir}/backbone.msgpack" ]]; then
-    return
-  fi
-  echo "== ${config} -> ${workdir}"
-  "${python}" -m dsset.main --config="configs/${config}" --workdir="${workdir}" "$@" "${extra[@]}"
-}
+# shellcheck source=scripts/run_once.sh
+source "$(dirname "$0")/run_once.sh"
 
 # The scan features probed per arm. Stage 2 keeps stage 1's encoder (frozen), so its
 # mean-of-slices probe would repeat stage 1's; SwAV and random init have no slice transformer.
@@ -58,13 +51,13 @@ for seed in $(seq 0 $((num_seeds - 1))); do
     intra="${SWAV_FROM}/swav_seed${seed}"
     [[ -f "${intra}/backbone.msgpack" ]] || { echo "no stage 1 in ${intra}" >&2; exit 1; }
   fi
-  run "intra_inter.py:stage1${size}" "${intra}" "${seed_arg[@]}"
-  run "intra_inter.py:stage2${size}" "${pre}/mask_seed${seed}" "${seed_arg[@]}" "${steps[@]}" \
-    --config.init_from="${intra}"
-  run "intra_inter.py:stage3${size}" "${pre}/inter_seed${seed}" "${seed_arg[@]}" "${steps[@]}" \
-    --config.init_from="${pre}/mask_seed${seed}"
-  run "intra_inter.py:joint${size}" "${pre}/joint_seed${seed}" "${seed_arg[@]}" "${steps[@]}" \
-    --config.init_from=
+  run_once "intra_inter.py:stage1${size}" "${intra}" "${seed_arg[@]}"
+  run_once "intra_inter.py:stage2${size}" "${pre}/mask_seed${seed}" "${seed_arg[@]}" \
+    "${steps[@]}" --config.init_from="${intra}"
+  run_once "intra_inter.py:stage3${size}" "${pre}/inter_seed${seed}" "${seed_arg[@]}" \
+    "${steps[@]}" --config.init_from="${pre}/mask_seed${seed}"
+  run_once "intra_inter.py:joint${size}" "${pre}/joint_seed${seed}" "${seed_arg[@]}" \
+    "${steps[@]}" --config.init_from=
 
   for arm in intra mask inter joint random; do
     init_from=""
@@ -75,13 +68,14 @@ for seed in $(seq 0 $((num_seeds - 1))); do
     fi
     for feature in ${features[${arm}]}; do
       workdir="${out_dir}/eval/linear_${feature}_${arm}_seed${seed}"
-      run "linear_eval.py${suffix}" "${workdir}" "${seed_arg[@]}" --config.init_from="${init_from}" \
-        --config.evaluate.level=scan --config.evaluate.scan_features="${feature}"
+      run_once "linear_eval.py${suffix}" "${workdir}" "${seed_arg[@]}" \
+        --config.init_from="${init_from}" --config.evaluate.level=scan \
+        --config.evaluate.scan_features="${feature}"
       eval_dirs+=("${workdir}")
     done
     if [[ "${arm}" != mask ]]; then
       workdir="${out_dir}/eval/segment_${arm}_seed${seed}"
-      run "segment.py${suffix}" "${workdir}" "${seed_arg[@]}" --config.init_from="${init_from}"
+      run_once "segment.py${suffix}" "${workdir}" "${seed_arg[@]}" --config.init_from="${init_from}"
       eval_dirs+=("${workdir}")
     fi
   done
