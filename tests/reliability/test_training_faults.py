@@ -89,9 +89,11 @@ def test_sigterm_saves_checkpoint_and_resume_matches_uninterrupted(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, backbone(interrupted), backbone(whole))
 
 
-# Both resume through the same loop code; segment (with its frozen-encoder phase) runs by default,
-# finetune with -m slow.
-@pytest.mark.parametrize('config', [pytest.param('finetune', marks=pytest.mark.slow), 'segment'])
+# Both resume through the same loop code as pretraining, whose resume the SIGTERM test above checks
+# by default; the downstream cases (segment with its frozen-encoder phase, finetune) take about a
+# minute each and run with -m slow.
+@pytest.mark.slow
+@pytest.mark.parametrize('config', ['finetune', 'segment'])
 def test_interrupted_downstream_run_resumes_without_repeating_a_step(tmp_path, config):
   """Fine-tuning and segmentation train through the same loop: a SIGTERM saves a checkpoint, the
   same command resumes after it, every step is logged once, and the evaluation is written."""
