@@ -44,7 +44,8 @@ def _open_unit() -> tuple[Callable[[Any], bool], str]:
 def _range(low: float, high: float) -> tuple[Callable[[Any], bool], str]:
   def ok(v):
     return (isinstance(v, (tuple, list)) and len(v) == 2 and
-            all(isinstance(x, (int, float)) for x in v) and low <= v[0] <= v[1] <= high)
+            all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) and
+            low <= v[0] <= v[1] <= high)
   return ok, f'a pair (low, high) with {low} <= low <= high <= {high}'
 
 

@@ -110,8 +110,8 @@ class Method:
     assignments), as a dict of arrays; {} for none. Called after make_train_iterator (so sizes
     that depend on the data are known). It lives in the loop state under 'method_state',
     placed on the mesh as method_state_specs says, is saved and restored with the checkpoint,
-    and reaches the method
-    through before_step and loss_with_state; the new value comes back in StepOutput.method_state.
+    and reaches the method through before_step and loss_with_state; the new value comes back in
+    StepOutput.method_state.
     Methods without state add nothing to the loop state, so their checkpoints do not change.
     """
     del variables

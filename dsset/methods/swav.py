@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dsset import checkpointing, losses
-from dsset.config_validation import ConfigError
+from dsset.config_validation import ConfigError, _range
 from dsset.methods.base import StepOutput
 from dsset.methods.clustering import (ClusteringMethod, cluster_usage, l2_normalize,
                                       non_negative_int, positive_int, positive_number,
@@ -40,15 +40,6 @@ from dsset.methods.clustering import (ClusteringMethod, cluster_usage, l2_normal
 from dsset.methods.contrastive import normalised_views
 
 _FROZEN = 'prototypes_frozen'
-
-
-def _area_range(v) -> bool:
-  return (isinstance(v, (tuple, list)) and len(v) == 2 and
-          all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) and
-          0 < v[0] <= v[1] <= 1)
-
-
-_AREA_RANGE = (_area_range, 'a pair (low, high) of image area fractions with 0 < low <= high <= 1')
 
 
 class SwavMethod(ClusteringMethod):
@@ -63,8 +54,9 @@ class SwavMethod(ClusteringMethod):
       'swav.queue_length': (non_negative_int, 'an integer >= 0 (0 = no queue)'),
       'swav.num_small_crops': (non_negative_int, 'an integer >= 0 (0 = no multi-crop)'),
       'swav.small_crop_size': (positive_int, 'an integer > 0 (pixels)'),
-      'swav.small_crop_scale': _AREA_RANGE,
-      'swav.large_crop_scale': _AREA_RANGE,
+      # Area ranges of random resized crops, checked as augment.crop_scale is.
+      'swav.small_crop_scale': _range(1e-6, 1.0),
+      'swav.large_crop_scale': _range(1e-6, 1.0),
   }
 
   @classmethod
