@@ -103,6 +103,13 @@ def get_config(arg=None):
   # slices average over their thickness (docs/data.md). 'uniform': the phantom of 2026-11 to
   # 2026-12-06, on which every earlier table in docs/reproducing.md was measured.
   c.data.phantom.anatomy = 'varied'
+  # The varied phantom's objects (the labelled lesions): in-plane radius in mm (the sphere's middle
+  # slice, the tube, the disc; the box has the same area) and contrast enhancement in HU, each drawn
+  # per scan from (low, high). Chosen on val so that the quick start's 32 px slices show them (2.4-4
+  # px radius); (16.0, 28.0) and (200.0, 360.0) give the varied phantom of 2026-12-06. 'uniform'
+  # ignores both (16-28 mm, 280 HU).
+  c.data.phantom.object_radius_mm = (24.0, 40.0)
+  c.data.phantom.object_hu = (400.0, 600.0)
 
   # 2D pretraining, on the device (dsset.augment), SimCLR's recipe as the reference code applies it.
   c.augment = ml_collections.ConfigDict()
@@ -220,6 +227,9 @@ def get_config(arg=None):
   # +0.013-0.018 val accuracy, and every encoder is then treated alike.
   c.evaluate.recompute_batch_stats = 'always'
   c.evaluate.weight_decays = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # linear probe L2 grid, chosen on val.
+  # The split every reported metric of a downstream run is computed on: 'test' (default) | 'val'
+  # (while choosing settings: the test split is then never read, so it cannot leak into a choice).
+  c.evaluate.report_split = 'test'
   c.evaluate.knn_k = 20
   c.evaluate.knn_temperature = 0.07  # vote weight exp(cosine / T), as in InstDisc and DINO.
   c.evaluate.segment_freeze_steps = 0  # first steps train the decoder only (encoder frozen).
@@ -318,13 +328,16 @@ def compare_settings(c) -> None:
   recomputed on the train images before every probe. The probe's weight decay is picked on val by
   the probe itself (evaluate.weight_decays), and the probe sees the 136 train scans' labels only:
   the earlier comparison's 1024 extra labelled scans were chosen on test results and are gone.
-  Evaluation adds 400 held-out scans (scan_level_test_set: 228 val, 228 test).
+  Evaluation adds 400 held-out scans (scan_level_test_set: 228 val, 228 test). The phantom's objects
+  (24-40 mm, 400-600 HU) were chosen on the val split of 3 seeds (DS-SimCLR against random init).
   """
   c.model.backbone = 'resnet10'
   c.model.width_multiplier = 0.5
   c.data.image_size = 32
   c.data.phantom.num_scans = 192
   c.data.phantom.anatomy = 'varied'
+  c.data.phantom.object_radius_mm = (24.0, 40.0)
+  c.data.phantom.object_hu = (400.0, 600.0)
   c.train.num_steps = 2400
   c.train.batch_size = 32
   c.train.warmup_steps = 30

@@ -1,11 +1,14 @@
 """Comparison report of evaluation runs: python -m dsset.compare RUN_DIR... --out=report.md.
 
 Each RUN_DIR holds an eval.json (dsset.evaluate). Runs are grouped by (pretraining method or
-'random init', encoder, evaluation kind, level, label fraction), so 2D and 3D runs (a ResNet's and a
-3D U-Net's random init, say) can share one table without being pooled; the Markdown table gives each group's number
-of runs n (the seeds), its test-set size and its scores: the value for a single run, mean ± sample
-std for several. A last row gives the chance level of each score, and a bar plot PNG (n and test
-size under each group, chance marked on each bar) is written beside the report.
+'random init', encoder, evaluation kind, level, label fraction, report split), so 2D and 3D runs (a
+ResNet's and a 3D U-Net's random init, say) can share one table without being pooled, and neither
+can scores on val (evaluate.report_split='val', while settings are chosen) and on test; an eval.json
+without report_split is on test. The Markdown table gives each group's number of runs n (the
+seeds), the size of the split it is scored on ('8 scans' of test; '228 val scans') and its scores:
+the value for a single run, mean ± sample std for several. A last row gives the chance level of each
+score, and a bar plot PNG (n and split size under each group, chance marked on each bar) is written
+beside the report.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 CLASSIFICATION_METRICS = ('accuracy', 'balanced_accuracy', 'auc')
 SEGMENTATION_METRICS = ('dice_mean',)
-GROUP_KEYS = ('method', 'backbone', 'kind', 'level', 'label_fraction')
+GROUP_KEYS = ('method', 'backbone', 'kind', 'level', 'label_fraction', 'report_split')
 # Segmentation is scored per slice (2D) or over whole volumes (3D); its eval.json has no 'level'.
 DEFAULT_LEVEL = {'segment': 'slice', 'segment3d': 'volume'}
 SEGMENTATION_KINDS = tuple(DEFAULT_LEVEL)
@@ -68,10 +71,11 @@ def read_runs(run_dirs: Sequence[str]) -> list[dict]:
   return runs
 
 
-def _test_size(run: dict) -> int | None:
-  """num_examples.test of an eval.json (scans or slices, by its level), None if not recorded."""
+def _reported_size(run: dict) -> int | None:
+  """The size of the split an eval.json is scored on, num_examples[report_split] (scans or slices,
+  by its level), None if not recorded."""
   counts = run.get('num_examples')
-  size = counts.get('test') if isinstance(counts, dict) else None
+  size = counts.get(run['report_split']) if isinstance(counts, dict) else None
   return int(size) if size is not None else None
 
 
@@ -79,15 +83,17 @@ def summarise(runs: Sequence[dict]) -> list[dict]:
   """One row per group: the group keys, 'n', its 'metrics', and '<metric>_mean' / '_std' of each.
 
   std is the sample standard deviation (ddof=1); 0 for a group of one run. Also 'test_sizes' (the
-  sorted distinct num_examples.test of the runs, empty when not recorded), 'num_classes' (when every
-  run records the same count, else None) and '<metric>_chance' (chance_level, None if unknown).
+  sorted distinct sizes of the split the runs are scored on, report_split: test, or val; empty when
+  not recorded), 'num_classes' (when every run records the same count, else None) and
+  '<metric>_chance' (chance_level, None if unknown).
   """
   groups: dict[tuple, list[dict]] = {}
   for run in runs:
     if 'level' not in run and run.get('kind') in DEFAULT_LEVEL:
       run = {**run, 'level': DEFAULT_LEVEL[run['kind']]}
-    # eval.json files written before the encoder was recorded still group (as encoder '?').
-    run = {'backbone': '?', **run}
+    # eval.json files written before the encoder was recorded still group (as encoder '?'); those
+    # written before evaluate.report_split existed were all scored on test.
+    run = {'backbone': '?', 'report_split': 'test', **run}
     # Scan features other than the mean of slice features are another evaluation of the encoder.
     if run.get('scan_features', 'mean') != 'mean' and 'kind' in run:
       run['kind'] = f"{run['kind']} ({run['scan_features']})"
@@ -99,7 +105,7 @@ def summarise(runs: Sequence[dict]) -> list[dict]:
   for key in sorted(groups, key=lambda k: tuple(str(v) for v in k)):
     members = groups[key]
     row = dict(zip(GROUP_KEYS, key), n=len(members), metrics=metrics_of(members[0]))
-    row['test_sizes'] = sorted({s for s in map(_test_size, members) if s is not None})
+    row['test_sizes'] = sorted({s for s in map(_reported_size, members) if s is not None})
     classes = {m.get('num_classes') for m in members}
     row['num_classes'] = classes.pop() if len(classes) == 1 else None
     for metric in row['metrics']:
@@ -125,14 +131,19 @@ def label_percent(fraction: float) -> str:
   return f'{100 * float(fraction):.3g} %'
 
 
-def size_text(row: dict) -> str:
-  """'8 scans' / '48 slices' (a range if the runs of the row differ); '?' when not recorded."""
+def size_text(row: dict, name_split: bool = False) -> str:
+  """'8 scans' / '48 slices' of test (a range if the runs of the row differ); '?' when not recorded.
+  A row scored on val always names it ('228 val scans'); name_split names test too ('8 test
+  scans')."""
   sizes = row['test_sizes']
-  if not sizes:
+  split = row.get('report_split', 'test')
+  named = name_split or split != 'test'
+  if not sizes and not named:
     return '?'
   unit = 'scans' if row['level'] in ('scan', 'volume') else 'slices' if row['level'] == 'slice' else 'examples'
-  count = str(sizes[0]) if len(sizes) == 1 else f'{sizes[0]}-{sizes[-1]}'
-  return f'{count} {unit}'
+  count = ('?' if not sizes else str(sizes[0]) if len(sizes) == 1
+           else f'{sizes[0]}-{sizes[-1]}')
+  return f'{count} {split} {unit}' if named else f'{count} {unit}'
 
 
 def _chance_cell(rows: Sequence[dict], metric: str) -> str:
@@ -143,14 +154,24 @@ def _chance_cell(rows: Sequence[dict], metric: str) -> str:
   return ' / '.join('?' if v is None else f'{v:.3f}' for v in values)
 
 
+def _splits(rows: Sequence[dict]) -> list[str]:
+  """The splits the rows are scored on, sorted: ['test'], ['val'] or ['test', 'val']."""
+  return sorted({r['report_split'] for r in rows})
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
-  """The table: one row per group, then the chance level of every score column."""
+  """The table: one row per group, then the chance level of every score column.
+
+  A table of test rows only keeps its 'test set' column; with val rows the column is 'scored on'
+  and every cell names its split, so that no val score passes for a test one."""
   metrics = columns(rows)
-  header = ['method', 'encoder', 'eval', 'level', 'labels', 'n', 'test set', *metrics]
+  only_test = _splits(rows) == ['test']
+  header = ['method', 'encoder', 'eval', 'level', 'labels', 'n',
+            'test set' if only_test else 'scored on', *metrics]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for r in rows:
     cells = [r['method'], r['backbone'], r['kind'], r['level'], label_percent(r['label_fraction']),
-             str(r['n']), size_text(r)]
+             str(r['n']), size_text(r, name_split=not only_test)]
     cells += [_cell(r, m) for m in metrics]
     lines.append('| ' + ' | '.join(cells) + ' |')
   blanks = [''] * (len(header) - len(metrics) - 1)
@@ -162,9 +183,17 @@ def markdown_table(rows: Sequence[dict]) -> str:
 def notes(rows: Sequence[dict]) -> str:
   """The paragraph above the table: what n, ± and chance mean, and how noisy single runs are."""
   runs = sum(r['n'] for r in rows)
-  text = [f'Test-split scores of {runs} evaluation run{"s" if runs != 1 else ""} in {len(rows)} '
+  splits = _splits(rows)
+  # The evaluation set's name in the sentences below: the split when every row shares it.
+  split = splits[0] if len(splits) == 1 else 'evaluation'
+  scores = {'test': 'Test-split scores', 'val': 'Val-split scores'}.get(
+      split, 'Scores, each on the split its row names,')
+  text = [f'{scores} of {runs} evaluation run{"s" if runs != 1 else ""} in {len(rows)} '
           f'group{"s" if len(rows) != 1 else ""}. n is the number of runs (seeds) of a row; '
           'scores are mean ± sample std over them where n > 1, the single value where n = 1.']
+  if 'val' in splits:
+    text.append('Val scores (evaluate.report_split=val) are for choosing settings: optimistic once '
+                'settings were chosen on them, never pooled with test scores, and no final result.')
   if any(m in r['metrics'] for r in rows for m in CLASSIFICATION_METRICS):
     text.append('Chance: 0.5 for AUC; 1 / number of classes for balanced accuracy and for '
                 'accuracy (exact for balanced test classes)'
@@ -175,18 +204,19 @@ def notes(rows: Sequence[dict]) -> str:
   if all(r['n'] == 1 for r in rows):
     noisy = 'Every row is a single run, so no spread is shown and a single score is noisy'
     if sizes:
-      noisy += (f': with {min(sizes)} test examples one example moves accuracy by '
+      noisy += (f': with {min(sizes)} {split} examples one example moves accuracy by '
                 f'{1 / min(sizes):.3f}')
-    text.append(noisy + '. Compare several seeds (--config.seed) and larger test sets before '
+    text.append(noisy + f'. Compare several seeds (--config.seed) and larger {split} sets before '
                 'reading differences.')
   elif sizes and min(sizes) < 50:
-    text.append(f'The smallest test set has {min(sizes)} examples: one example moves accuracy by '
-                f'{1 / min(sizes):.3f}.')
+    text.append(f'The smallest {split} set has {min(sizes)} examples: one example moves accuracy '
+                f'by {1 / min(sizes):.3f}.')
   return '\n'.join(text) + '\n'  # one Markdown paragraph, one sentence group a line
 
 
 def bar_plot(rows: Sequence[dict], path: str) -> None:
-  """Grouped bars per row (error bars where n > 1), chance marked per bar, n and test size below."""
+  """Grouped bars per row (error bars where n > 1), chance marked per bar, n and the size of the
+  split scored on below."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -211,9 +241,9 @@ def bar_plot(rows: Sequence[dict], path: str) -> None:
   ax.set_xticks(positions)
   ax.set_xticklabels([f'{r["method"]} ({r["backbone"]})\n{r["kind"]}, {r["level"]}, '
                       f'{label_percent(r["label_fraction"])} labels\n'
-                      f'n={r["n"]}, test {size_text(r)}' for r in rows], fontsize=8)
+                      f'n={r["n"]}, {size_text(r, name_split=True)}' for r in rows], fontsize=8)
   ax.set_ylim(0, 1)
-  ax.set_ylabel('test score (mean ± std where n > 1)')
+  ax.set_ylabel(f'{" / ".join(_splits(rows))} score (mean ± std where n > 1)')
   ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.0, 1.0))
   fig.tight_layout()
   fig.savefig(path, dpi=100)

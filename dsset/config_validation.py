@@ -146,6 +146,9 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'data.phantom.seed': _int_at_least(0),
       'data.phantom.noise_hu': _non_negative(),
       'data.phantom.anatomy': _one_of(*ANATOMIES),
+      # A sphere must fit in the shortest varied scan (128 mm): radius < 64 mm.
+      'data.phantom.object_radius_mm': _range(1.0, 60.0),
+      'data.phantom.object_hu': _range(-1000.0, 3000.0),
       'augment.crop_source_size': _int_at_least(0),
       'augment.crop_scale': _range(1e-6, 1.0),
       'augment.crop_ratio': _range(1e-6, 1e6),
@@ -205,6 +208,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
       'evaluate.batch_size': _positive_int(),
       'evaluate.recompute_batch_stats': _one_of(*RECOMPUTE_BATCH_STATS),
       'evaluate.weight_decays': _numbers(),
+      'evaluate.report_split': _one_of('test', 'val'),
       'evaluate.knn_k': _positive_int(),
       'evaluate.knn_temperature': _positive(),
       'evaluate.segment_freeze_steps': _int_at_least(0),

@@ -14,8 +14,9 @@ differ only across slices; class 3 can be told from one slice that cuts the obje
 data.phantom.anatomy='varied' (default) adds what makes scans of different patients on different
 scanners differ (Variation, VARIATION_RANGES: scan length and slice thickness, habitus, table
 position and rotation, organ outlines, calibration, contrast, noise, reconstruction blur, partial
-volume across each slice) and 2-8 objects of the scan's class instead of one; 'uniform' is the
-earlier phantom, bit for bit. Scans are generated on
+volume across each slice) and 2-8 objects of the scan's class instead of one, their radius and
+contrast drawn from data.phantom.object_radius_mm and object_hu; 'uniform' is the earlier phantom,
+bit for bit. Scans are generated on
 demand from (data.phantom.seed, index) with vectorised numpy (about 13 ms varied, 4 ms uniform for
 32 x 64 x 64), so Grain workers need no shared memory.
 """
@@ -46,9 +47,10 @@ MASK_IDS = {'body': 1, 'lung': 2, 'liver': 3, 'bone': 4, 'object': 5}
 # Physical extent of every phantom, whatever its voxel grid: the spacing follows from these.
 _LENGTH_MM = 160.0  # along the slice axis
 _FIELD_OF_VIEW_MM = 320.0  # in plane (rows and columns)
-# In-plane radius of the object in mm: the ranges of the sphere's middle slice, the tube and the
-# disc are the same so that a single slice cannot tell them apart.
-_OBJECT_RADIUS_MM = (16.0, 28.0)
+# In-plane radius of the uniform phantom's object in mm (the varied phantom's is the config key
+# data.phantom.object_radius_mm): the ranges of the sphere's middle slice, the tube and the disc are
+# the same so that a single slice cannot tell them apart.
+_UNIFORM_OBJECT_RADIUS_MM = (16.0, 28.0)
 # Generated scans a source keeps: 256 default scans are about 170 MB.
 _CACHED_SCANS = 256
 
@@ -145,7 +147,11 @@ VARIATION_RANGES = {
     'lobe_size': (0.3, 0.7),
     'gain': (0.85, 1.2),
     'offset_hu': (-50.0, 50.0),
-    'object_hu': (200.0, 360.0),
+    # Defaults of data.phantom.object_hu and object_radius_mm, chosen on val (docs/data.md): the
+    # objects of 2026-12-06 (200-360 HU, 16-28 mm) were 1.6-2.8 px wide in radius at the quick
+    # start's 32 px and no encoder, random or pretrained, read them.
+    'object_hu': (400.0, 600.0),
+    'object_radius_mm': (24.0, 40.0),
     'noise_scale': (0.7, 1.5),
     'blur_mm': (0.0, 3.0),
     'num_objects': (2, 8),
@@ -153,9 +159,11 @@ VARIATION_RANGES = {
 ANATOMIES = ('varied', 'uniform')
 
 
-def draw_variation(index: int, seed: int, anatomy: str) -> Variation:
+def draw_variation(index: int, seed: int, anatomy: str,
+                   object_hu: tuple[float, float] = VARIATION_RANGES['object_hu']) -> Variation:
   """The variation of phantom `index`: none for 'uniform', else drawn from its own random stream
-  ([seed, index, 1]), so the uniform draws (label, organs, object) are the same in both phantoms."""
+  ([seed, index, 1]), so the uniform draws (label, organs, object) are the same in both phantoms;
+  the objects' HU from the range `object_hu` (data.phantom.object_hu)."""
   if anatomy == 'uniform':
     return Variation()
   if anatomy != 'varied':
@@ -169,15 +177,23 @@ def draw_variation(index: int, seed: int, anatomy: str) -> Variation:
       lobes=tuple((*rng.uniform(*r['lobe_offset'], size=2), rng.uniform(*r['lobe_size']))
                   for _ in range(3)),
       gain=rng.uniform(*r['gain']), offset_hu=rng.uniform(*r['offset_hu']),
-      object_hu=rng.uniform(*r['object_hu']), noise_scale=rng.uniform(*r['noise_scale']),
+      object_hu=rng.uniform(*object_hu), noise_scale=rng.uniform(*r['noise_scale']),
       blur_mm=rng.uniform(*r['blur_mm']), sub_slices=2,
       num_objects=int(rng.integers(r['num_objects'][0], r['num_objects'][1] + 1)))
 
 
 def generate_scan(index: int, depth: int, height: int, width: int, seed: int, noise_hu: float,
-                  anatomy: str = 'uniform') -> tuple[np.ndarray, np.ndarray, int]:
-  """Returns (HU volume float32 [D, H, W], voxel mask uint8 [D, H, W], label) of phantom `index`."""
-  vary = draw_variation(index, seed, anatomy)
+                  anatomy: str = 'uniform',
+                  object_radius_mm: tuple[float, float] = VARIATION_RANGES['object_radius_mm'],
+                  object_hu: tuple[float, float] = VARIATION_RANGES['object_hu'],
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+  """Returns (HU volume float32 [D, H, W], voxel mask uint8 [D, H, W], label) of phantom `index`.
+
+  object_radius_mm and object_hu (data.phantom.*) are the varied phantom's; 'uniform' keeps its
+  own objects (16-28 mm, 280 HU), so its scans stay those of every earlier table."""
+  vary = draw_variation(index, seed, anatomy, object_hu)
+  if anatomy == 'uniform':
+    object_radius_mm = _UNIFORM_OBJECT_RADIUS_MM
   rng = np.random.default_rng([seed, index])
   label = index % len(CLASS_NAMES)
   slice_mm = vary.length_mm / depth
@@ -228,7 +244,8 @@ def generate_scan(index: int, depth: int, height: int, width: int, seed: int, no
            & np.ones_like(t, dtype=bool))
 
   # The object keeps its size whatever the habitus; its placement scales so it stays inside.
-  obj = _object(label, rng, z, y, x, slice_centres, slice_mm, vary.length_mm, vary.habitus)
+  obj = _object(label, rng, z, y, x, slice_centres, slice_mm, vary.length_mm, vary.habitus,
+                object_radius_mm)
   if vary.num_objects > 1:
     # More objects of the same class, from a stream of their own: the label is then a pattern
     # spread through the scan (as metastases or vessels are), which their count and placement
@@ -236,7 +253,7 @@ def generate_scan(index: int, depth: int, height: int, width: int, seed: int, no
     more = np.random.default_rng([seed, index, 2])
     for _ in range(vary.num_objects - 1):
       obj = obj | _object(label, more, z, y, x, slice_centres, slice_mm, vary.length_mm,
-                          vary.habitus)
+                          vary.habitus, object_radius_mm)
 
   volume = np.full(np.broadcast_shapes(z.shape, y.shape, x.shape), HU['air'], dtype=np.float32)
   mask = np.zeros(volume.shape, dtype=np.uint8)
@@ -296,9 +313,10 @@ def _position(volume: np.ndarray, mask: np.ndarray, vary: Variation):
 
 
 def _object(label: int, rng: np.random.Generator, z, y, x, slice_centres, slice_mm: float,
-            length_mm: float, placement_scale: float) -> np.ndarray:
+            length_mm: float, placement_scale: float,
+            radius_mm: tuple[float, float]) -> np.ndarray:
   """Boolean [D, H, W] mask of the labelled object, placed inside the body."""
-  radius = rng.uniform(*_OBJECT_RADIUS_MM)
+  radius = rng.uniform(*radius_mm)
   centre_y, centre_x = rng.uniform(-30.0, 30.0), rng.uniform(-50.0, 50.0)
   centre_y, centre_x = centre_y * placement_scale, centre_x * placement_scale
   half_length = length_mm / 2
@@ -337,6 +355,8 @@ class PhantomSource:
     self._seed = int(phantom.seed)
     self._noise_hu = float(phantom.noise_hu)
     self._anatomy = str(phantom.anatomy)
+    self._objects = {'object_radius_mm': tuple(float(v) for v in phantom.object_radius_mm),
+                     'object_hu': tuple(float(v) for v in phantom.object_hu)}
     draw_variation(0, self._seed, self._anatomy)  # an unknown anatomy fails here, naming the key
     self._intensity = intensity.IntensitySettings.from_config(data_config)
     num_scans = int(phantom.num_scans)
@@ -351,13 +371,14 @@ class PhantomSource:
     policy = intensity.resolve_policy(
         data_config, f'phantom {split}', candidates, known_from='generated as',
         memo_key=('phantom', self._shape, self._seed, self._noise_hu, self._anatomy,
+                  tuple(self._objects.values()),
                   tuple(int(i) for i in self._indices[:2 * intensity.SAMPLE_SCANS])))
     self._intensity = intensity.with_policy(self._intensity, policy)
     self._recent: collections.OrderedDict[int, Scan] = collections.OrderedDict()
 
   def _hu(self, phantom_index: int) -> np.ndarray:
     return generate_scan(phantom_index, *self._shape, seed=self._seed, noise_hu=self._noise_hu,
-                         anatomy=self._anatomy)[0]
+                         anatomy=self._anatomy, **self._objects)[0]
 
   @property
   def num_classes(self) -> int:
@@ -392,7 +413,7 @@ class PhantomSource:
   def _generate(self, index: int) -> Scan:
     phantom_index = int(self._indices[index])
     hu, mask, label = generate_scan(phantom_index, *self._shape, seed=self._seed,
-                                    noise_hu=self._noise_hu, anatomy=self._anatomy)
+                                    noise_hu=self._noise_hu, anatomy=self._anatomy, **self._objects)
     name = f'phantom_{phantom_index:05d}'
     depth, height, width = self._shape
     length_mm = draw_variation(phantom_index, self._seed, self._anatomy).length_mm

@@ -1,15 +1,16 @@
 """Segmentation pieces: slices with their masks, Dice (hard, for the report; soft, for the loss),
-batched prediction, and which test slices to show. The method that trains and reports is
+batched prediction, and which reported slices to show. The method that trains and reports is
 dsset.methods.segment.
 
 Examples are 2D slices with their mask slice (images resized bilinearly to data.image_size, masks
 with nearest neighbour so that ids stay ids).
 
 Dice is reported two ways, both on the image_size grid the slices are predicted on (a scan's
-masks resized as its images, not its native voxel grid): over every test pixel at once (`dice`
-of all slices: large volumes weigh more, and a class counts wherever it occurs), and per volume
-(`volume_dice`: a scan's predicted slices stacked into its volume, Dice per class of that volume,
-then each class's mean over the volumes), the usual figure for 3D segmentation benchmarks.
+masks resized as its images, not its native voxel grid), on the split evaluate.report_split names:
+over every pixel of it at once (`dice` of all slices: large volumes weigh more, and a class counts
+wherever it occurs), and per volume (`volume_dice`: a scan's predicted slices stacked into its
+volume, Dice per class of that volume, then each class's mean over the volumes), the usual figure
+for 3D segmentation benchmarks.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dsset.evaluate import features
 from dsset.models import unet
 
 PLOT_FILES = {'curve': 'segment_curve.png', 'grid': 'segmentation_grid.png'}
-GRID_ROWS = 4  # test slices shown in the image / ground truth / prediction grid
+GRID_ROWS = 4  # reported slices shown in the image / ground truth / prediction grid
 
 
 def dice(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
@@ -177,7 +178,7 @@ def predict(model: unet.SegmentationModel, variables: dict, images: np.ndarray,
 
 
 def grid_rows(masks: np.ndarray, count: int) -> np.ndarray:
-  """Indices of `count` test slices spread over those with the most foreground."""
+  """Indices of `count` reported slices (test or val) spread over those with the most foreground."""
   foreground = (masks > 0).sum(axis=(1, 2))
   candidates = np.argsort(-foreground, kind='stable')[:max(count, len(masks) // 2)]
   return np.sort(candidates[np.linspace(0, len(candidates) - 1, count).astype(int)])

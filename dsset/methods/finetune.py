@@ -105,6 +105,7 @@ class FinetuneMethod(ClassificationMethod):
              'batch_stats': variables['batch_stats']['backbone']}
     data = self.split_features(features.FeatureExtractor(self.config, variables=tuned))
     head = variables['params']['head']
-    scores = softmax(data['test'].features @ np.asarray(head['kernel']) + np.asarray(head['bias']))
+    reported = data[self.report_split]
+    scores = softmax(reported.features @ np.asarray(head['kernel']) + np.asarray(head['bias']))
     return self.report(workdir, data, scores, self._num_classes, {}, self.training_curve(workdir),
                        'fine-tuning step (mini-batch)')

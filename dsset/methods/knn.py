@@ -18,8 +18,8 @@ class KnnMethod(ClassificationMethod):
     num_classes = self.num_classes()
     data = self.split_features(extractor)
     train = data['train']
-    scores = probes.knn_scores(train.features, train.labels, data['test'].features, num_classes,
-                               k=int(ev.knn_k), temperature=float(ev.knn_temperature))
+    scores = probes.knn_scores(train.features, train.labels, data[self.report_split].features,
+                               num_classes, k=int(ev.knn_k), temperature=float(ev.knn_temperature))
     extra = {'knn_k': int(ev.knn_k), 'knn_temperature': float(ev.knn_temperature),
              **extractor.batch_stats_settings}
     return self.report(workdir, data, scores, num_classes, extra, curve=None)

@@ -4,8 +4,9 @@ Training uses a seeded label fraction of the train scans (evaluate.label_fractio
 batches of their slices; the loss is soft multi-class Dice + cross-entropy. The first
 evaluate.segment_freeze_steps steps train the decoder alone (the encoder in eval mode, its weights
 unchanged). No augmentation: the comparison is about the starting encoder. Hard Dice per class is
-reported on the test split, with a grid of test slices (image, truth, prediction): over all test
-pixels at once (dice_*), and per volume, each test scan's slice predictions stacked into its volume
+reported on the split evaluate.report_split names (test by default; val while settings are chosen,
+when no test scan is read), with a grid of its slices (image, truth, prediction): over all its
+pixels at once (dice_*), and per volume, each scan's slice predictions stacked into its volume
 (volume_dice_*, dice_per_volume; dsset.evaluate.segment.volume_dice_result).
 """
 
@@ -72,13 +73,14 @@ class SegmentMethod(DownstreamMethod):
 
   def finish(self, variables, workdir):
     num_classes = self.model.num_classes
-    test = segment.read_volumes(self.config, 'test')
-    test_images, test_masks = test.images, test.masks
-    if int(test_masks.max()) >= num_classes:
-      raise DataError(f'the test masks hold id {int(test_masks.max())}, beyond the {num_classes} '
+    split = self.report_split
+    reported = segment.read_volumes(self.config, split)
+    images, masks = reported.images, reported.masks
+    if int(masks.max()) >= num_classes:
+      raise DataError(f'the {split} masks hold id {int(masks.max())}, beyond the {num_classes} '
                       'classes of the train masks; set evaluate.segment_num_classes')
-    pred = segment.predict(self.model, variables, test_images, int(self.config.evaluate.batch_size))
-    scores = segment.dice(pred, test_masks, num_classes)
+    pred = segment.predict(self.model, variables, images, int(self.config.evaluate.batch_size))
+    scores = segment.dice(pred, masks, num_classes)
     foreground = scores[1:][~np.isnan(scores[1:])]  # classes seen in the masks or predictions
     dice_mean = float(foreground.mean()) if foreground.size else float('nan')
     result = {
@@ -86,21 +88,22 @@ class SegmentMethod(DownstreamMethod):
         'dice_per_class': {str(c): float(scores[c]) for c in range(1, num_classes)},
         'dice_background': float(scores[0]),
         **segment.volume_dice_result(
-            segment.volume_dice(pred, test_masks, test.slice_counts, num_classes), test.scan_ids),
+            segment.volume_dice(pred, masks, reported.slice_counts, num_classes),
+            reported.scan_ids),
         'num_classes': num_classes,
         **self.common_result(),
         'num_steps': int(self.config.train.num_steps),
         'segment_freeze_steps': int(self.config.evaluate.segment_freeze_steps),
-        'num_examples': {'train': self._num_train, 'test': int(len(test_images))},
+        'num_examples': {'train': self._num_train, split: int(len(images))},
     }
     title = f'{result["method"]}, segment ({self.config.evaluate.label_fraction:g} labels)'
     curve = self.training_curve(workdir)
     if curve is not None:
       plots.training_curve(curve, os.path.join(workdir, segment.PLOT_FILES['curve']), title,
                            'training step (mini-batch of slices)')
-    rows = segment.grid_rows(test_masks, min(segment.GRID_ROWS, len(test_masks)))
-    plots.segmentation_grid(test_images[rows, :, :, 0], test_masks[rows], pred[rows], num_classes,
+    rows = segment.grid_rows(masks, min(segment.GRID_ROWS, len(masks)))
+    plots.segmentation_grid(images[rows, :, :, 0], masks[rows], pred[rows], num_classes,
                             os.path.join(workdir, segment.PLOT_FILES['grid']),
-                            f'{title}: test Dice {dice_mean:.3f}')
+                            f'{title}: {split} Dice {dice_mean:.3f}')
     self.write_result(workdir, result)
     return result

@@ -1,5 +1,7 @@
 """3D segmentation fine-tuning: the 3D U-Net encoder (pretrained or random) with its decoder, trained
-on random cubes of the labelled train scans and scored on whole test scans.
+on random cubes of the labelled train scans and scored on whole scans of the split
+evaluate.report_split names (test by default; val while settings are chosen, when no test scan is
+read).
 
 Training uses a seeded, stratified share of the train scans (evaluate.label_fraction, by scan, as
 the 2D runs; dsset.evaluate.features.stratified_scan_mask) and batches of random cubes of them with
@@ -9,10 +11,10 @@ The first evaluate.segment_freeze_steps steps train the decoder alone (the encod
 weights unchanged). augment3d.* applies to volume and mask together (configs/segment3d.py turns it
 off, as the 2D downstream runs: the comparison is about the starting encoder).
 
-Evaluation covers every voxel of each test scan: non-overlapping cubes tile the scan on the cube's
-voxel grid (data.voxel_mm), each cube is predicted, and the tiles are put back together; hard Dice
-per class over all test voxels goes to eval.json, with a PNG of orthogonal slices (image, truth,
-prediction) through one test scan.
+Evaluation covers every voxel of each reported scan: non-overlapping cubes tile the scan on the
+cube's voxel grid (data.voxel_mm), each cube is predicted, and the tiles are put back together; hard
+Dice per class over all its voxels goes to eval.json, with a PNG of orthogonal slices (image, truth,
+prediction) through one of its scans.
 """
 
 from __future__ import annotations
@@ -150,15 +152,16 @@ class Segment3DMethod(DownstreamMethod):
   def finish(self, variables, workdir):
     d = self.config.data
     cube, voxel_mm = int(d.volume_size), float(d.voxel_mm)
-    source = make_source(d, 'test')
+    split = self.report_split
+    source = make_source(d, split)
     if not len(source):
-      raise DataError(f'the test split of data.source={d.source!r} has no scans to segment')
+      raise DataError(f'the {split} split of data.source={d.source!r} has no scans to segment')
     predict = self._predictor(variables)
     preds, truths, shown = [], [], None
     for index in range(len(source)):
       scan = source[index]
       if scan.mask is None:
-        raise DataError(f'test scan {scan.scan_id} has no voxel mask')
+        raise DataError(f'{split} scan {scan.scan_id} has no voxel mask')
       steps = volumes.axis_steps(scan.spacing, voxel_mm)
       volume, mask = np.asarray(scan.volume), np.asarray(scan.mask)
       starts = volumes.tile_starts(volume.shape, cube, steps)
@@ -169,7 +172,7 @@ class Segment3DMethod(DownstreamMethod):
       pred = volumes.assemble_tiles(predict(tiles), starts, steps)
       truth = volumes.assemble_tiles(truth_tiles, starts, steps)
       if int(truth.max()) >= self._num_classes:
-        raise DataError(f'test scan {scan.scan_id} holds mask id {int(truth.max())}, beyond the '
+        raise DataError(f'{split} scan {scan.scan_id} holds mask id {int(truth.max())}, beyond the '
                         f'{self._num_classes} classes of the train masks; set '
                         'evaluate.segment_num_classes')
       preds.append(pred.ravel())
@@ -190,7 +193,7 @@ class Segment3DMethod(DownstreamMethod):
         'segment_freeze_steps': int(self.config.evaluate.segment_freeze_steps),
         'volume_size': cube,
         'voxel_mm': voxel_mm,
-        'num_examples': {'train': self._num_train, 'test': len(source)},
+        'num_examples': {'train': self._num_train, split: len(source)},
     }
     title = (f'{result["method"]}, segment3d ({100 * self.config.evaluate.label_fraction:g} % of '
              'the labels)')
@@ -199,6 +202,6 @@ class Segment3DMethod(DownstreamMethod):
       plots.training_curve(curve, os.path.join(workdir, PLOT_FILES['curve']), title,
                            'training step (mini-batch of cubes)')
     plots.segmentation_grid(*shown, self._num_classes, os.path.join(workdir, PLOT_FILES['slices']),
-                            f'{title}: test Dice {dice_mean:.3f} (axial, coronal, sagittal)')
+                            f'{title}: {split} Dice {dice_mean:.3f} (axial, coronal, sagittal)')
     self.write_result(workdir, result)
     return result

@@ -11,6 +11,8 @@ from configs import base
 from data_pipelines import sources
 from data_pipelines.errors import DataError
 from data_pipelines.sources import phantom
+from dsset import config_validation
+from dsset.config_validation import ConfigError
 
 OBJECT = phantom.MASK_IDS['object']
 
@@ -200,8 +202,53 @@ def test_varied_and_uniform_share_label_and_object_draws_but_not_voxels():
     assert (varied[1] == OBJECT).any()
 
 
+def test_object_keys_change_the_objects_only_and_stay_in_their_ranges():
+  """data.phantom.object_radius_mm / object_hu move the objects and nothing else; 'uniform' keeps
+  its own (16-28 mm, 280 HU) whatever they say."""
+  small = {'object_radius_mm': (16.0, 28.0), 'object_hu': (200.0, 360.0)}
+  for index in range(8):
+    default = phantom.generate_scan(index, 16, 32, 32, seed=0, noise_hu=15.0, anatomy='varied')
+    earlier = phantom.generate_scan(index, 16, 32, 32, seed=0, noise_hu=15.0, anatomy='varied',
+                                    **small)
+    assert default[2] == earlier[2]
+    objects = (default[1] == OBJECT) | (earlier[1] == OBJECT)
+    assert objects.any() and (default[1] == OBJECT).sum() > (earlier[1] == OBJECT).sum()
+    np.testing.assert_array_equal(default[1][~objects], earlier[1][~objects])
+    uniform = phantom.generate_scan(index, 16, 32, 32, seed=0, noise_hu=15.0, anatomy='uniform')
+    for a, b in zip(uniform, phantom.generate_scan(index, 16, 32, 32, seed=0, noise_hu=15.0,
+                                                   anatomy='uniform', **small)):
+      np.testing.assert_array_equal(a, b)
+  for low, high in ((200.0, 360.0), (400.0, 600.0), (-50.0, -50.0)):
+    values = [phantom.draw_variation(i, 0, 'varied', (low, high)).object_hu for i in range(200)]
+    assert low <= min(values) and max(values) <= high
+  # The in-plane radius of a disc (one slice, on a 1 mm grid): inside the range, spanning it.
+  z = np.zeros((1, 1, 1))
+  y = (np.arange(-160, 160) + 0.5)[None, :, None]
+  x = (np.arange(-160, 160) + 0.5)[None, None, :]
+  for radius_mm in ((24.0, 40.0), (10.0, 12.0)):
+    radii = []
+    for seed in range(60):
+      disc = phantom._object(phantom.CLASS_NAMES.index('disc'), np.random.default_rng(seed), z, y, x,
+                             np.zeros(5), 5.0, 160.0, 1.0, radius_mm)
+      radii.append(np.sqrt(disc.sum() / np.pi))
+    assert radius_mm[0] - 1 < min(radii) < radius_mm[0] + 0.15 * (radius_mm[1] - radius_mm[0]) + 1
+    assert radius_mm[1] - 0.15 * (radius_mm[1] - radius_mm[0]) - 1 < max(radii) < radius_mm[1] + 1
+
+
+@pytest.mark.parametrize('key,value', [('object_radius_mm', (30.0, 20.0)),
+                                       ('object_radius_mm', (10.0, 70.0)),
+                                       ('object_hu', (300.0,))])
+def test_object_keys_out_of_range_are_config_errors(key, value):
+  config = base.get_config()
+  config.data.phantom[key] = value
+  with pytest.raises(ConfigError, match=f'data.phantom.{key}'):
+    config_validation.validate(config)
+
+
 def test_varied_classes_keep_their_extent_across_slices():
-  source = phantom.make_source(data_config(), 'train')
+  # At the earlier objects' size (16-28 mm) objects seldom touch, so connected components are
+  # single objects; the default's larger ones (24-40 mm) merge more often (below).
+  source = phantom.make_source(data_config(object_radius_mm=(16.0, 28.0)), 'train')
   extents = {name: [] for name in phantom.CLASS_NAMES}
   counts = []
   for index in range(len(source)):
@@ -220,6 +267,16 @@ def test_varied_classes_keep_their_extent_across_slices():
   assert np.median(extents['tube']) > 0.5
   assert 3 / 32 < np.median(extents['sphere']) < 0.5
   assert 3 / 32 < np.percentile(extents['box'], 10) < 0.5
+  # With the default objects, discs still cross a few slices and tubes most of the scan.
+  default = phantom.make_source(data_config(), 'train')
+  runs = {'disc': [], 'tube': []}
+  for index in range(len(default)):
+    scan = default[index]
+    if phantom.CLASS_NAMES[scan.label] in runs:
+      components, _ = ndimage.label(scan.mask == OBJECT)
+      runs[phantom.CLASS_NAMES[scan.label]] += [(part[0].stop - part[0].start) / scan.num_slices
+                                                for part in ndimage.find_objects(components)]
+  assert np.median(runs['disc']) <= 3 / 32 and np.median(runs['tube']) > 0.5
 
 
 def test_position_moves_whole_pixels_exactly_and_turns_quarter_turns_exactly():

@@ -145,7 +145,9 @@ def test_eight_devices_match_one_with_the_queue(tmp_path, num_small_crops):
 # The first four steps of the run below, recorded before multi-crop existed (JAX 0.10.2, CPU) and
 # bit-identical after it: with swav.num_small_crops = 0 the keys, augmentations and loss are
 # today's. A change there moves these by far more than the tolerance, which only leaves room for
-# another XLA's float32 rounding.
+# another XLA's float32 rounding. Recorded on the phantom's objects of that time (PINNED_PHANTOM).
+PINNED_PHANTOM = {'data.phantom.object_radius_mm': (16.0, 28.0),
+                  'data.phantom.object_hu': (200.0, 360.0)}
 BEFORE_MULTI_CROP = {
     'loss': [4.49515438079834, 4.9222822189331055, 4.581788063049316, 3.9007792472839355],
     'grad_norm': [51.61799240112305, 33.964935302734375, 45.77689743041992, 40.579532623291016],
@@ -153,7 +155,8 @@ BEFORE_MULTI_CROP = {
 
 
 def test_trains_logs_cluster_usage_and_resumes(tmp_path):
-  config = tiny(**{'train.num_steps': 2, 'train.schedule': 'constant', 'train.warmup_steps': 0})
+  config = tiny(**{'train.num_steps': 2, 'train.schedule': 'constant', 'train.warmup_steps': 0},
+                **PINNED_PHANTOM)
   train.train_and_evaluate(config, str(tmp_path / 'split'), devices=jax.devices()[:1])
   config.train.num_steps = 4
   train.train_and_evaluate(config, str(tmp_path / 'split'), devices=jax.devices()[:1])
