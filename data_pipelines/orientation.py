@@ -23,6 +23,14 @@ _LAYOUT = {
 }
 
 
+def orientable(affine: np.ndarray) -> bool:
+  """Whether nibabel can name the RAS axis of every voxel axis of `affine`. A finite, invertible
+  affine can still be too ill-conditioned for that (io_orientation gives NaN, e.g. for a 1e20
+  shear), and reorientation cannot use it: sources refuse such scans by name."""
+  return bool(np.all(np.isfinite(affine))
+              and not np.isnan(nib.orientations.io_orientation(affine)).any())
+
+
 def canonical_slices(array: np.ndarray, affine: np.ndarray, slice_axis: str):
   """Reorients a 3D array with its voxel-to-RAS affine; returns (volume [D, H, W], spacing (3,)).
 

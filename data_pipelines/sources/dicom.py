@@ -24,7 +24,7 @@ import numpy as np
 from data_pipelines import intensity
 from data_pipelines.errors import DataError
 from data_pipelines.intensity import normalise
-from data_pipelines.orientation import canonical_geometry, canonical_slices
+from data_pipelines.orientation import canonical_geometry, canonical_slices, orientable
 from data_pipelines.sources import labels as labels_lib
 from data_pipelines.sources import folders, splits
 from data_pipelines.sources.base import Scan
@@ -205,6 +205,9 @@ def _series_affine(headers: list[_FileHeader], frames: list[tuple[np.ndarray, st
   lps[:3, 1] = column_cosine * row_spacing
   lps[:3, 2] = step
   lps[:3, 3] = positions[0]
+  if not orientable(lps):
+    raise DataError(f'{name}: the voxel-to-patient affine from ImageOrientationPatient, '
+                    'PixelSpacing and the slice positions is too ill-conditioned to orient the scan')
   return _LPS_TO_RAS @ lps
 
 

@@ -80,6 +80,8 @@ def _load(path: str, data_config):
     raise DataError(f'{path}: voxel spacing (pixdim) {tuple(zooms.tolist())} must be positive')
   if not np.all(np.isfinite(affine)) or not abs(np.linalg.det(affine[:3, :3])) > 0:
     raise DataError(f'{path}: the voxel-to-world affine is degenerate or not finite')
+  if not orientation.orientable(affine):
+    raise DataError(f'{path}: the voxel-to-world affine is too ill-conditioned to orient the scan')
   return image
 
 

@@ -133,3 +133,16 @@ def test_decoded_scans_are_cached_and_not_pickled(tmp_path):
   assert source[0] is source[0]
   clone = pickle.loads(pickle.dumps(source))
   np.testing.assert_array_equal(clone[0].volume, source[0].volume)
+
+
+def test_ill_conditioned_geometry_is_named(tmp_path):
+  # Slices 2.5 mm apart along the normal but 1e20 mm apart in plane: a finite, invertible affine
+  # whose slice axis nibabel cannot name (io_orientation gives NaN), so the series cannot be oriented.
+  ff.write_dicom_series(tmp_path / 'good', ff.stored_values())
+  sheared = ff.AFFINE.copy()
+  sheared[1, 2] = 1e20
+  ff.write_dicom_series(tmp_path / 'sheared', ff.stored_values(seed=1), affine=sheared, seed=1)
+  source = make_source(_config(tmp_path), 'train')
+  assert [scan.scan_id for scan in (source[i] for i in range(len(source)))] == ['good']
+  assert any('sheared' in message and 'too ill-conditioned to orient' in message
+             for message in source.skipped)

@@ -82,6 +82,13 @@ def _unreadable(path):
   os.chmod(path, 0)
 
 
+def _ill_conditioned(path):
+  # Finite and invertible (determinant 1), yet nibabel cannot tell which way the third axis points.
+  affine = np.eye(4)
+  affine[1, 2] = 1e30
+  _save(path, _volume(), affine)
+
+
 def _self_link(path):
   os.symlink(path.name, path)  # a link to itself: ELOOP on open
 
@@ -104,6 +111,8 @@ CASES = [
      f'has 2 axial slices, fewer than data.min_slices={MIN_SLICES}', 'build'),
     ('unreadable permissions', _unreadable, 'permission denied', 'build'),
     ('symlink loop', _self_link, 'cannot be opened', 'build'),
+    ('ill-conditioned affine', _ill_conditioned,
+     'the voxel-to-world affine is too ill-conditioned to orient the scan', 'build'),
 ]
 
 
