@@ -182,6 +182,7 @@ def test_cli_intra_inter_pretraining_then_linear_eval_on_its_volume_feature(tmp_
       f'--config.init_from={pretrain}', '--config.evaluate.scan_features=slice_transformer')
   with open(evaluation / 'eval.json') as f:
     result = json.load(f)
+  # eval.json names the intra-inter objective the encoder was trained with (stage 3: inter).
   assert (result['method'], result['scan_features'], result['num_features']) == (
-      'intra_inter', 'slice_transformer', 16)
+      'intra_inter:inter', 'slice_transformer', 16)
   assert 0 <= result['accuracy'] <= 1 and result['num_examples']['test'] > 0
