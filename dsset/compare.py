@@ -82,9 +82,9 @@ def _reported_size(run: dict) -> int | None:
 def summarise(runs: Sequence[dict]) -> list[dict]:
   """One row per group: the group keys, 'n', its 'metrics', and '<metric>_mean' / '_std' of each.
 
-  std is the sample standard deviation (ddof=1); 0 for a group of one run. Also 'test_sizes' (the
-  sorted distinct sizes of the split the runs are scored on, report_split: test, or val; empty when
-  not recorded), 'num_classes' (when every run records the same count, else None) and
+  std is the sample standard deviation (ddof=1); 0 for a group of one run. Also 'reported_sizes'
+  (the sorted distinct sizes of the split the runs are scored on, report_split: test, or val; empty
+  when not recorded), 'num_classes' (when every run records the same count, else None) and
   '<metric>_chance' (chance_level, None if unknown).
   """
   groups: dict[tuple, list[dict]] = {}
@@ -105,7 +105,7 @@ def summarise(runs: Sequence[dict]) -> list[dict]:
   for key in sorted(groups, key=lambda k: tuple(str(v) for v in k)):
     members = groups[key]
     row = dict(zip(GROUP_KEYS, key), n=len(members), metrics=metrics_of(members[0]))
-    row['test_sizes'] = sorted({s for s in map(_reported_size, members) if s is not None})
+    row['reported_sizes'] = sorted({s for s in map(_reported_size, members) if s is not None})
     classes = {m.get('num_classes') for m in members}
     row['num_classes'] = classes.pop() if len(classes) == 1 else None
     for metric in row['metrics']:
@@ -135,7 +135,7 @@ def size_text(row: dict, name_split: bool = False) -> str:
   """'8 scans' / '48 slices' of test (a range if the runs of the row differ); '?' when not recorded.
   A row scored on val always names it ('228 val scans'); name_split names test too ('8 test
   scans')."""
-  sizes = row['test_sizes']
+  sizes = row['reported_sizes']
   split = row.get('report_split', 'test')
   named = name_split or split != 'test'
   if not sizes and not named:
@@ -200,7 +200,7 @@ def notes(rows: Sequence[dict]) -> str:
                 + ('; the class count is not recorded in these eval.json files (?)'
                    if any(r['num_classes'] is None for r in rows
                           if 'accuracy' in r['metrics']) else '') + '.')
-  sizes = [s for r in rows for s in r['test_sizes']]
+  sizes = [s for r in rows for s in r['reported_sizes']]
   if all(r['n'] == 1 for r in rows):
     noisy = 'Every row is a single run, so no spread is shown and a single score is noisy'
     if sizes:

@@ -34,9 +34,6 @@ def classification_plots(split: str) -> dict[str, str]:
           'embedding': f'{split}_embedding_pca.png'}
 
 
-CLASSIFICATION_PLOTS = classification_plots('test')  # a default run's
-
-
 class DownstreamMethod(Method):
   """An evaluation of one encoder; subclasses train a head (or nothing) and report on
   evaluate.report_split."""

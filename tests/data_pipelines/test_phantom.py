@@ -235,6 +235,14 @@ def test_object_keys_change_the_objects_only_and_stay_in_their_ranges():
     assert radius_mm[1] - 0.15 * (radius_mm[1] - radius_mm[0]) - 1 < max(radii) < radius_mm[1] + 1
 
 
+def test_object_key_defaults_are_the_documented_ranges():
+  # generate_scan's own defaults (VARIATION_RANGES, which the range tests check) are the config's.
+  config = base.get_config()
+  for key in ('object_radius_mm', 'object_hu'):
+    assert tuple(config.data.phantom[key]) == phantom.VARIATION_RANGES[key]
+    assert tuple(base.get_config('compare').data.phantom[key]) == phantom.VARIATION_RANGES[key]
+
+
 @pytest.mark.parametrize('key,value', [('object_radius_mm', (30.0, 20.0)),
                                        ('object_radius_mm', (10.0, 70.0)),
                                        ('object_hu', (300.0,))])

@@ -83,11 +83,11 @@ def test_label_fractions_are_percentages():
       '100 %', '10 %', '25 %', '1 %', '0.5 %']
 
 
-def test_test_sizes_name_their_unit_and_range():
-  row = {'level': 'slice', 'test_sizes': [48]}
+def test_reported_sizes_name_their_unit_and_range():
+  row = {'level': 'slice', 'reported_sizes': [48]}
   assert compare.size_text(row) == '48 slices'
-  assert compare.size_text({'level': 'scan', 'test_sizes': [8, 12]}) == '8-12 scans'
-  assert compare.size_text({'level': 'scan', 'test_sizes': []}) == '?'
+  assert compare.size_text({'level': 'scan', 'reported_sizes': [8, 12]}) == '8-12 scans'
+  assert compare.size_text({'level': 'scan', 'reported_sizes': []}) == '?'
 
 
 def test_cli_names_the_run_without_results(tmp_path):

@@ -15,7 +15,7 @@ from dsset.config_validation import ConfigError
 from dsset.evaluate import features
 from dsset.methods import make_method
 from dsset.methods.contrastive import DeepSetMethod
-from dsset.methods.downstream import CLASSIFICATION_PLOTS
+from dsset.methods.downstream import classification_plots
 
 
 def tiny_eval_config(module, **evaluate):
@@ -44,7 +44,7 @@ def test_linear_eval_random_init_writes_results_and_plots(tmp_path):
   assert written['weight_decay'] in tiny_eval_config(linear_eval).evaluate.weight_decays
   # Half of the train scans, stratified: every class keeps at least one.
   assert 0 < written['num_examples']['train'] < 16
-  for name in CLASSIFICATION_PLOTS.values():
+  for name in classification_plots('test').values():
     assert os.path.getsize(tmp_path / name) > 1000
 
 
@@ -67,7 +67,8 @@ def test_knn_slice_eval_loads_the_pretrained_encoder(tmp_path):
   assert not result['batch_stats_recomputed']  # a pretrained encoder keeps its statistics
   # Slice level: every slice of every labelled test scan is an example.
   assert result['num_examples']['test'] % 8 == 0 and result['num_examples']['test'] > 0
-  assert not os.path.exists(tmp_path / 'eval' / CLASSIFICATION_PLOTS['curve'])  # no probe training
+  # No probe training, so no probe curve.
+  assert not os.path.exists(tmp_path / 'eval' / classification_plots('test')['curve'])
 
   config.model.width_multiplier = 0.25  # ignored: the architecture comes from backbone.json
   assert evaluate(config, str(tmp_path / 'eval2'))['num_features'] == result['num_features']
@@ -108,7 +109,7 @@ def test_finetune_trains_the_encoder_and_reports_on_test(tmp_path):
   result = method.finish(tuned, str(tmp_path / 'direct'))
   assert (result['kind'], result['label_fraction']) == ('finetune', 0.5)
   assert 0 <= result['accuracy'] <= 1 and result['num_examples']['test'] > 0
-  assert os.path.getsize(tmp_path / 'direct' / CLASSIFICATION_PLOTS['curve']) > 1000
+  assert os.path.getsize(tmp_path / 'direct' / classification_plots('test')['curve']) > 1000
 
 
 def test_embed_writes_slice_and_scan_embeddings_of_every_split(tmp_path):

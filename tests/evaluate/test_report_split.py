@@ -200,7 +200,7 @@ def test_compare_keeps_val_rows_apart_from_test_rows(tmp_path):
           _eval_json(tmp_path / 'v1', 'deepset', 0.8, 'val', size=228, seed=1)]
   out = tmp_path / 'report.md'
   rows = compare.write_report(runs, str(out))
-  assert [(r['report_split'], r['n'], r['test_sizes']) for r in rows] == [
+  assert [(r['report_split'], r['n'], r['reported_sizes']) for r in rows] == [
       ('test', 2, [8]), ('val', 2, [228])]
   assert [r['accuracy_mean'] for r in rows] == pytest.approx([0.6, 0.85])
   text = out.read_text()
